@@ -1,0 +1,231 @@
+"""Typed, strict configuration: one model per stage, nested under `Config`.
+
+Load with `load_config("configs/demo.yaml")`. Unknown keys and bad values raise
+`ConfigError`, whose message names the field (e.g. `train.beta`) and the fix.
+Relative paths in the file (workdir, manifest, model path) are resolved against the
+config file's own directory, so a config works from any current directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message says which field and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(_Strict):
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class ModelConfig(_Strict):
+    """Which base model. `preset: tiny` builds a seeded tiny model of the same diffusers classes;
+    otherwise `path` is a local diffusers model directory (nothing is downloaded)."""
+
+    family: Literal["wan-t2v", "wan-i2v"] = "wan-t2v"
+    preset: Literal["tiny"] | None = None
+    path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    max_sequence_length: int = Field(default=512, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("set exactly one of model.preset (e.g. 'tiny') or model.path (a local diffusers model directory)")
+        return self
+
+
+class VideoSpec(_Strict):
+    """The training clip spec: every clip is normalised to this (ingest) and generated at it."""
+
+    fps: float = Field(default=16.0, gt=0)
+    num_frames: int = Field(default=81, ge=1)
+    height: int = Field(default=480, ge=16)
+    width: int = Field(default=832, ge=16)
+
+    @model_validator(mode="after")
+    def _wan_shapes(self) -> "VideoSpec":
+        # Wan's VAE compresses time 4x with a causal first frame: F = 4k + 1.
+        if (self.num_frames - 1) % 4 != 0:
+            raise ValueError(f"video.num_frames must be 4k+1 (e.g. 9, 17, 81); got {self.num_frames}")
+        for name in ("height", "width"):
+            if getattr(self, name) % 16 != 0:
+                raise ValueError(f"video.{name} must be a multiple of 16 (VAE x8, patch x2); got {getattr(self, name)}")
+        return self
+
+
+class IngestConfig(_Strict):
+    manifest: str
+    min_side: int = Field(default=64, ge=1, description="reject inputs whose shorter side is below this")
+    heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    min_heldout: int = Field(default=1, ge=0)
+    max_clips_per_video: int = Field(default=1, ge=1)
+    allow_gif: bool = True
+
+
+class GenerateConfig(_Strict):
+    num_inference_steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    negative_prompt: str = ""
+    flow_shift: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+class EncodeConfig(_Strict):
+    samples_per_shard: int = Field(default=256, ge=1)
+    latent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: int = Field(default=1, ge=1)
+
+
+class TimestepConfig(_Strict):
+    sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = Field(default=1.0, gt=0)
+    shift: float = Field(default=1.0, gt=0)
+
+
+class TrainConfig(_Strict):
+    objective: Literal["reg-dpo", "dpo", "sft"] = "reg-dpo"
+    beta: float = Field(default=1000.0, gt=0)
+    r_mode: Literal["dgr", "constant"] = "dgr"
+    r_scale: float = Field(default=1.0, ge=0, description="k in r = k * DGR (r_mode: dgr)")
+    r_constant: float = Field(default=0.0, ge=0, description="r when r_mode: constant")
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    timesteps: TimestepConfig = Field(default_factory=TimestepConfig)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    gradient_checkpointing: bool = False
+    num_workers: int = Field(default=0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _r(self) -> "TrainConfig":
+        if self.r_mode == "constant" and self.objective == "reg-dpo" and self.r_constant == 0:
+            raise ValueError("train.r_constant is 0 with r_mode: constant, which is plain DPO; set r_constant > 0 or objective: dpo")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _t(self) -> "EvaluateConfig":
+        if not self.timesteps or any(not 0 < t < 1 for t in self.timesteps):
+            raise ValueError("evaluate.timesteps must be a non-empty list of values strictly between 0 and 1")
+        return self
+
+
+class Config(_Strict):
+    """Root config. `workdir` holds every stage's outputs (layout in docs/DESIGN.md)."""
+
+    workdir: str
+    seed: int = 0
+    model: ModelConfig
+    video: VideoSpec = Field(default_factory=VideoSpec)
+    ingest: IngestConfig
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @property
+    def workdir_path(self) -> Path:
+        return Path(self.workdir)
+
+    def section_fingerprint(self, *names: str) -> str:
+        """Stable hash of the named top-level sections (e.g. 'model', 'video', 'ingest')."""
+        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {field}: unknown key; remove it or check its spelling (see configs/demo.yaml)")
+        elif e["type"] == "missing":
+            lines.append(f"  {field}: required; add it")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {field}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    def fix(p: str | None) -> str | None:
+        if p is None or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    raw = dict(raw)
+    if isinstance(raw.get("workdir"), str):
+        raw["workdir"] = fix(raw["workdir"])
+    for section, key in (("ingest", "manifest"), ("model", "path")):
+        sec = raw.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str):
+            raw[section] = {**sec, key: fix(sec[key])}
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (workdir, model, ingest, ...)")
+    if base_dir is not None:
+        raw = _resolve_paths(raw, base_dir)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config; `overrides` maps dotted keys (e.g. 'train.max_steps') to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(raw, source=str(path), base_dir=path.parent.resolve())
+
+
+def save_resolved(cfg: Config, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the fully resolved config (defaults filled in) next to a stage's outputs."""
+    out = Path(directory) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return out

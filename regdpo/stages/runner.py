@@ -1,0 +1,157 @@
+"""Run one stage with fingerprints and atomic publication.
+
+A stage writes into `<workdir>/.<stage>.partial/` and is renamed to `<workdir>/<stage>/` only
+when complete, with `stage.json` (fingerprint, upstream fingerprints, summary) and the
+resolved `config.yaml` beside its outputs. A stage is done when `stage.json` exists and its
+fingerprint matches; a rerun with the same fingerprint is a no-op, a changed setting (its
+config sections or any upstream fingerprint) redoes it, `force=True` redoes regardless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from regdpo.config import Config, save_resolved
+
+STAGES: tuple[str, ...] = ("ingest", "generate", "encode", "train", "evaluate")
+
+# Which stages' outputs each stage reads, and which config sections shape its result.
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "generate": ("ingest",),
+    "encode": ("ingest", "generate"),
+    "train": ("encode",),
+    "evaluate": ("encode", "train"),
+}
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "ingest": ("video", "ingest"),
+    "generate": ("model", "video", "generate"),
+    "encode": ("model", "video", "encode"),
+    "train": ("model", "train"),
+    "evaluate": ("model", "evaluate"),
+}
+# Stages whose partial directory survives an interruption (training resumes from checkpoints).
+RESUMABLE = {"train"}
+
+
+class StageInputError(RuntimeError):
+    """A stage's inputs are missing or stale; the message says which stage to run first."""
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    path: Path
+    fingerprint: str
+    skipped: bool
+    summary: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def stage_dir(workdir: str | Path, name: str) -> Path:
+    return Path(workdir) / name
+
+
+def read_stage_record(workdir: str | Path, name: str) -> dict[str, Any] | None:
+    p = stage_dir(workdir, name) / "stage.json"
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
+    """The fingerprint this stage would have now, from its config sections and its inputs."""
+    upstream: dict[str, str] = {}
+    for up in UPSTREAM[name]:
+        rec = read_stage_record(cfg.workdir, up)
+        if rec is None:
+            raise StageInputError(
+                f"stage '{name}' needs the outputs of '{up}', which are missing in {cfg.workdir}: "
+                f"run {up} first (regdpo run CONFIG --stage {up}, or the whole pipeline)"
+            )
+        upstream[up] = rec["fingerprint"]
+    payload = json.dumps(
+        {"stage": name, "config": cfg.section_fingerprint(*SECTIONS[name]), "seed": cfg.seed, "upstream": upstream},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream
+
+
+def is_current(cfg: Config, name: str) -> bool:
+    rec = read_stage_record(cfg.workdir, name)
+    if rec is None:
+        return False
+    try:
+        fp, _ = expected_fingerprint(cfg, name)
+    except StageInputError:
+        return False
+    return rec["fingerprint"] == fp
+
+
+BuildFn = Callable[[Config, Path, Path], dict[str, Any]]
+
+
+def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) -> StageResult:
+    """Run `build(cfg, workdir, out_dir)` unless the stage is already current.
+
+    `build` writes everything into `out_dir` (a fresh partial directory) and returns a small
+    JSON-able summary (counts, not tensors).
+    """
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fingerprint, upstream = expected_fingerprint(cfg, name)
+    final = stage_dir(workdir, name)
+    rec = read_stage_record(workdir, name)
+    if not force and rec is not None and rec["fingerprint"] == fingerprint:
+        return StageResult(name, final, fingerprint, True, rec.get("summary", {}))
+
+    partial = workdir / f".{name}.partial"
+    marker = partial / "partial.json"
+    keep = (
+        name in RESUMABLE
+        and not force
+        and marker.is_file()
+        and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    )
+    if partial.exists() and not keep:
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"fingerprint": fingerprint}))
+
+    start = time.perf_counter()
+    summary = build(cfg, workdir, partial)
+    seconds = time.perf_counter() - start
+
+    save_resolved(cfg, partial)
+    marker.unlink()
+    record = {
+        "stage": name,
+        "fingerprint": fingerprint,
+        "upstream": upstream,
+        "summary": summary,
+        "seconds": round(seconds, 3),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (partial / "stage.json").write_text(json.dumps(record, indent=2))
+    _publish(partial, final)
+    return StageResult(name, final, fingerprint, False, summary, seconds)
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Swap the finished partial directory into place; the old one is removed afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    partial.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
