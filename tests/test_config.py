@@ -1,0 +1,65 @@
+"""Strict config: unknown keys and bad values fail naming the field."""
+
+import pytest
+import yaml
+
+from regdpo.config import ConfigError, config_from_dict, load_config, save_resolved
+
+BASE = {
+    "workdir": "run",
+    "model": {"preset": "tiny", "max_sequence_length": 16},
+    "video": {"fps": 8, "num_frames": 9, "height": 32, "width": 32},
+    "ingest": {"manifest": "manifest.csv"},
+}
+
+
+def _write(tmp_path, cfg):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_loads_and_resolves_paths_against_the_config_file(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.workdir == str(tmp_path / "run")
+    assert cfg.ingest.manifest == str(tmp_path / "manifest.csv")
+    assert cfg.train.beta == 1000.0 and cfg.train.objective == "reg-dpo" and cfg.train.r_mode == "dgr"
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    bad = {**BASE, "train": {"betta": 5}}
+    with pytest.raises(ConfigError, match=r"train\.betta: unknown key"):
+        load_config(_write(tmp_path, bad))
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    bad = {**BASE, "train": {"max_steps": "many"}}
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):
+        load_config(_write(tmp_path, bad))
+
+
+def test_cross_field_rules(tmp_path):
+    with pytest.raises(ConfigError, match=r"num_frames must be 4k\+1"):
+        config_from_dict({**BASE, "video": {"num_frames": 8, "height": 32, "width": 32}})
+    with pytest.raises(ConfigError, match="exactly one of model.preset"):
+        config_from_dict({**BASE, "model": {"preset": "tiny", "path": "/models/wan"}})
+    with pytest.raises(ConfigError, match="r_constant"):
+        config_from_dict({**BASE, "train": {"r_mode": "constant"}})
+    with pytest.raises(ConfigError, match=r"ingest.*required"):
+        config_from_dict({k: v for k, v in BASE.items() if k != "ingest"})
+
+
+def test_overrides_and_resolved_dump(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), overrides={"train.max_steps": 3})
+    assert cfg.train.max_steps == 3
+    out = save_resolved(cfg, tmp_path / "out")
+    again = yaml.safe_load(out.read_text())
+    assert again["train"]["max_steps"] == 3 and again["train"]["beta"] == 1000.0
+    assert config_from_dict(again) == cfg
+
+
+def test_section_fingerprint_tracks_only_its_sections():
+    a = config_from_dict(BASE)
+    b = config_from_dict({**BASE, "train": {"max_steps": 7}})
+    assert a.section_fingerprint("video", "ingest") == b.section_fingerprint("video", "ingest")
+    assert a.section_fingerprint("train") != b.section_fingerprint("train")
