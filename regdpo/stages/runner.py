@@ -1,6 +1,6 @@
 """Run one stage with fingerprints and atomic publication.
 
-A stage writes into `<workdir>/.<stage>.partial/` and is renamed to `<workdir>/<stage>/` only
+A stage writes into `<workdir>/.<dir>.partial/` and is renamed to `<workdir>/<dir>/` only
 when complete, with `stage.json` (fingerprint, upstream fingerprints, summary) and the
 resolved `config.yaml` beside its outputs. A stage is done when `stage.json` exists and its
 fingerprint matches; a rerun with the same fingerprint is a no-op, a changed setting (its
@@ -37,6 +37,14 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "train": ("model", "train"),
     "evaluate": ("model", "evaluate"),
 }
+# Where each stage publishes under the workdir (docs/DESIGN.md's layout, a public contract).
+STAGE_DIRS: dict[str, str] = {
+    "ingest": "ingest",
+    "generate": "negatives",
+    "encode": "shards",
+    "train": "train",
+    "evaluate": "eval",
+}
 # Stages whose partial directory survives an interruption (training resumes from checkpoints).
 RESUMABLE = {"train"}
 
@@ -56,7 +64,8 @@ class StageResult:
 
 
 def stage_dir(workdir: str | Path, name: str) -> Path:
-    return Path(workdir) / name
+    """The published output directory of a stage, e.g. generate -> <workdir>/negatives."""
+    return Path(workdir) / STAGE_DIRS[name]
 
 
 def read_stage_record(workdir: str | Path, name: str) -> dict[str, Any] | None:
@@ -114,7 +123,7 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
     if not force and rec is not None and rec["fingerprint"] == fingerprint:
         return StageResult(name, final, fingerprint, True, rec.get("summary", {}))
 
-    partial = workdir / f".{name}.partial"
+    partial = workdir / f".{final.name}.partial"
     marker = partial / "partial.json"
     keep = (
         name in RESUMABLE
