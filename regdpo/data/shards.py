@@ -43,6 +43,11 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return {"key": sample["__key__"], "meta": json.loads(sample["meta.json"]), **tensors}
 
 
+def conditioning(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The conditioning tensors of a decoded pair or batch: every tensor but the two latents."""
+    return {k: v for k, v in pair.items() if torch.is_tensor(v) and k not in ("latents_w", "latents_l")}
+
+
 class ShardWriter:
     """Writes samples into numbered shards of at most `samples_per_shard` pairs each."""
 
