@@ -1,0 +1,65 @@
+"""The pipeline stages as plain functions: `run(cfg, "train")` from a notebook, torchrun or a flow.
+
+Each stage lives in `regdpo/stages/<name>.py` and exposes `build(cfg, workdir, out) -> dict`
+(the contract in `runner.py`). Builders are imported on first use, so importing this package
+(e.g. for `regdpo status`) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+from regdpo.config import Config
+from regdpo.stages.runner import (
+    STAGES,
+    UPSTREAM,
+    BuildFn,
+    StageInputError,
+    StageResult,
+    read_stage_record,
+    run_stage,
+)
+
+__all__ = ["STAGES", "UPSTREAM", "StageInputError", "StageResult", "check_inputs", "get_builder", "order", "run"]
+
+
+def get_builder(name: str) -> BuildFn:
+    """The `build` function of stage `name`, importing its module now."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    return importlib.import_module(f"regdpo.stages.{name}").build
+
+
+def run(cfg: Config, name: str, *, force: bool = False) -> StageResult:
+    """Run one stage unless it is current (see `runner.run_stage`)."""
+    return run_stage(cfg, name, get_builder(name), force=force)
+
+
+def order(names: Iterable[str] | None) -> list[str]:
+    """The requested stages in pipeline order (all of them for None); unknown names raise ValueError."""
+    if names is None:
+        return list(STAGES)
+    wanted = set(names)
+    unknown = sorted(wanted - set(STAGES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))}; choose from {', '.join(STAGES)}")
+    if not wanted:
+        raise ValueError(f"no stages requested; choose from {', '.join(STAGES)}")
+    return [s for s in STAGES if s in wanted]
+
+
+def check_inputs(cfg: Config, names: Iterable[str]) -> None:
+    """Fail before anything runs if a requested stage reads a stage that is neither on disk nor requested.
+
+    The runner checks the same thing per stage; checking up front means `--stage generate` on an
+    empty workdir fails in milliseconds, not after earlier requested stages have spent hours.
+    """
+    requested = set(names)
+    for name in order(requested):
+        for up in UPSTREAM[name]:
+            if up not in requested and read_stage_record(cfg.workdir, up) is None:
+                raise StageInputError(
+                    f"stage '{name}' needs the outputs of '{up}', which are missing in {cfg.workdir}: "
+                    f"run {up} first (regdpo run CONFIG --stage {up}, or the whole pipeline)"
+                )

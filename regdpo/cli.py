@@ -1,0 +1,162 @@
+"""The `regdpo` command.
+
+    regdpo run configs/demo.yaml                         # the whole pipeline
+    regdpo run configs/demo.yaml --stage train --set train.max_steps=5
+    regdpo status configs/demo.yaml                      # which stages are current, stale, missing
+    regdpo stages                                        # stage names and what each reads
+
+`run` goes through Prefect: its temporary local server by default, or the server at
+PREFECT_API_URL when that is set. `status` and `stages` only read files (no Prefect import).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, Optional
+
+import typer
+import yaml
+
+from regdpo.config import Config, ConfigError, load_config
+from regdpo.stages import STAGES, UPSTREAM, StageInputError, check_inputs, order
+from regdpo.stages.runner import expected_fingerprint, read_stage_record, stage_dir
+
+app = typer.Typer(
+    help="GT-Pair preference data and Reg-DPO fine-tuning for video diffusion models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config (see configs/demo.yaml)", show_default=False)]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", metavar="KEY=VALUE", help="override a config value, e.g. train.max_steps=5 (repeatable)"),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    """User error: message on stderr, exit code 2, no traceback."""
+    typer.echo(message, err=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE (e.g. train.max_steps=5), got {item!r}", param_hint="--set")
+        # YAML typing, as in the config file: 5 -> int, 1e-4 -> float, true -> bool, [a, b] -> list.
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _load(config: Path, overrides: dict[str, Any]) -> Config:
+    try:
+        return load_config(config, overrides or None)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _report_path(cfg: Config) -> Path:
+    return stage_dir(cfg.workdir, "evaluate") / "report.md"
+
+
+def _summary_text(summary: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in summary.items())
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    stage: Annotated[
+        Optional[list[str]],
+        typer.Option("--stage", "-s", help=f"run only this stage (repeatable): {', '.join(STAGES)}"),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="redo the stages even if they are current")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Run the pipeline (or the given stages) through Prefect; current stages are skipped."""
+    overrides = _parse_sets(set_)
+    cfg = _load(config, overrides)
+    try:
+        names = order(stage or None)
+        check_inputs(cfg, names)
+    except (ValueError, StageInputError) as err:
+        _fail(str(err))
+
+    # Prefect reads its settings at import; the user's own values (PREFECT_API_URL, ...) win.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pipelines.flows import regdpo_pipeline
+
+    try:
+        results = regdpo_pipeline(
+            config_path=str(config.resolve()),
+            stages=list(stage) if stage else None,
+            force=force,
+            overrides=overrides or None,
+        )
+    except StageInputError as err:
+        _fail(str(err))
+
+    for r in results:
+        state = "skipped" if r["skipped"] else "ran"
+        typer.echo(f"{r['stage']:<9} {state:<7} {r['seconds']:8.1f}s  {_summary_text(r['summary'])}".rstrip())
+    report = _report_path(cfg)
+    evaluate_ran = any(r["stage"] == "evaluate" and not r["skipped"] for r in results)
+    if report.is_file() and (evaluate_ran or _states(cfg)["evaluate"][0] == "current"):
+        typer.echo(f"report: {report}")
+
+
+def _states(cfg: Config) -> dict[str, tuple[str, str]]:
+    """(current | stale | missing, why) per stage, from the stage.json files.
+
+    Staleness is transitive: a stage whose input stage would rerun will rerun too, even though
+    its recorded fingerprint still matches the input's old output.
+    """
+    states: dict[str, tuple[str, str]] = {}
+    for name in STAGES:
+        rec = read_stage_record(cfg.workdir, name)
+        if rec is None:
+            partial = Path(cfg.workdir) / f".{stage_dir(cfg.workdir, name).name}.partial"
+            resumable = name == "train" and partial.is_dir()
+            states[name] = ("missing", "interrupted run present (resumes)" if resumable else "")
+            continue
+        try:
+            fingerprint, _ = expected_fingerprint(cfg, name)
+        except StageInputError:
+            states[name] = ("stale", "its inputs are missing")
+            continue
+        redo = [up for up in UPSTREAM[name] if states[up][0] != "current"]
+        if redo:
+            states[name] = ("stale", f"reruns after {', '.join(redo)}")
+        elif rec["fingerprint"] != fingerprint:
+            states[name] = ("stale", "settings or inputs changed since it ran")
+        else:
+            summary = _summary_text(rec.get("summary", {}))
+            states[name] = ("current", f"{rec.get('finished_at', '')}  {summary}".strip())
+    return states
+
+
+@app.command()
+def status(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Show which stages are current, stale (would rerun) or missing."""
+    cfg = _load(config, _parse_sets(set_))
+    typer.echo(f"workdir: {cfg.workdir}")
+    for name, (state, why) in _states(cfg).items():
+        typer.echo(f"{name:<9} {state:<8} {why}".rstrip())
+
+
+@app.command()
+def stages() -> None:
+    """List the stages in order and what each reads."""
+    for name in STAGES:
+        reads = ", ".join(UPSTREAM[name]) or "videos + captions (ingest.manifest)"
+        typer.echo(f"{name:<9} reads: {reads}")
+
+
+if __name__ == "__main__":
+    app()

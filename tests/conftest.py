@@ -1,0 +1,81 @@
+"""Shared fixtures.
+
+Prefect reads PREFECT_HOME and its other settings when first imported, so they are set here, at
+conftest import time, before any test module imports prefect: tests never touch ~/.prefect and
+never send analytics.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="regdpo-prefect-home-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# A user's own server must not receive test runs; the harness points the client at its own.
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's temporary local server (SQLite), started once per session (~15-25 s) and shared.
+
+    Not autouse: only tests that run flows against a server ask for it.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    # Heartbeats detect crashed deployment runs; in tests each flow run would only wait up to
+    # 1 s at exit for the heartbeat thread to stop.
+    with prefect_test_harness(server_startup_timeout=120):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield
+
+
+TINY_CONFIG = """\
+workdir: ./run
+model: {preset: tiny, max_sequence_length: 16}
+video: {fps: 8, num_frames: 9, height: 32, width: 32}
+ingest: {manifest: ./manifest.csv}
+"""
+
+
+@pytest.fixture
+def config_path(tmp_path: Path) -> Path:
+    """A valid tiny config in tmp_path (workdir tmp_path/run; the manifest need not exist)."""
+    p = tmp_path / "config.yaml"
+    p.write_text(TINY_CONFIG)
+    return p
+
+
+@pytest.fixture
+def fake_builders(monkeypatch) -> list[str]:
+    """Replace every stage's builder with a tiny fake (no torch); returns the list of calls, in order.
+
+    Each fake checks its inputs are published, writes `<stage>.txt`, and evaluate writes report.md.
+    """
+    import regdpo.stages
+    from regdpo.stages.runner import STAGES, UPSTREAM, stage_dir
+
+    calls: list[str] = []
+
+    def get_builder(name: str):
+        if name not in STAGES:
+            raise ValueError(f"unknown stage {name!r}")
+
+        def build(cfg, workdir: Path, out: Path) -> dict:
+            for up in UPSTREAM[name]:
+                assert (stage_dir(workdir, up) / "stage.json").is_file(), f"{name} ran before {up}"
+            calls.append(name)
+            (out / f"{name}.txt").write_text(name)
+            if name == "evaluate":
+                (out / "report.md").write_text("# report\n")
+            return {"num_items": 3}
+
+        return build
+
+    monkeypatch.setattr(regdpo.stages, "get_builder", get_builder)
+    return calls
