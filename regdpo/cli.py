@@ -74,12 +74,13 @@ def run(
     config: ConfigArg,
     stage: Annotated[
         Optional[list[str]],
-        typer.Option("--stage", "-s", help=f"run only this stage (repeatable): {', '.join(STAGES)}"),
+        typer.Option("--stage", "-s",
+                     help=f"rerun only this stage, from what is on disk, even if current (repeatable): {', '.join(STAGES)}"),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="redo the stages even if they are current")] = False,
+    force: Annotated[bool, typer.Option("--force", help="redo every stage of the run even if current")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Run the pipeline (or the given stages) through Prefect; current stages are skipped."""
+    """Run the pipeline through Prefect (current stages are skipped), or rerun the named stages."""
     overrides = _parse_sets(set_)
     cfg = _load(config, overrides)
     try:
@@ -96,7 +97,8 @@ def run(
         results = regdpo_pipeline(
             config_path=str(config.resolve()),
             stages=list(stage) if stage else None,
-            force=force,
+            # Naming a stage is asking for it to run: `--stage evaluate` redoes evaluate alone.
+            force=force or bool(stage),
             overrides=overrides or None,
         )
     except StageInputError as err:

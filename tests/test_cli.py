@@ -88,12 +88,21 @@ def test_run_through_prefect_prints_stages_and_report(config_path, fake_builders
     assert f"report: {report}" in result.stdout
     assert fake_builders == list(STAGES)
 
-    # the same override again: everything current; a train-only rerun leaves the rest alone
+    # the whole DAG again with the same settings: everything current, nothing runs
+    same = runner.invoke(app, ["run", str(config_path), "--set", "train.max_steps=5"])
+    assert same.exit_code == 0, same.output
+    assert [line.split()[:2] for line in same.stdout.splitlines() if line.split()[0] in STAGES] == [
+        [s, "skipped"] for s in STAGES
+    ]
+    assert fake_builders == list(STAGES)
+
+    # naming stages reruns exactly those, even though they are current
     again = runner.invoke(app, ["run", str(config_path), "--set", "train.max_steps=5", "--stage", "train", "-s", "evaluate"])
     assert again.exit_code == 0, again.output
     assert [line.split()[:2] for line in again.stdout.splitlines() if line.split()[0] in STAGES] == [
-        ["train", "skipped"],
-        ["evaluate", "skipped"],
+        ["train", "ran"],
+        ["evaluate", "ran"],
     ]
+    assert fake_builders == list(STAGES) + ["train", "evaluate"]
     assert f"report: {report}" in again.stdout
     assert Path(report).is_file()

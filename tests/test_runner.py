@@ -203,3 +203,16 @@ def test_importing_stages_does_not_import_torch_or_prefect():
     code = "import sys, regdpo.stages, regdpo.cli; print(json.dumps(['torch' in sys.modules, 'prefect' in sys.modules]))"
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [False, False]
+
+
+def test_manifest_with_new_rows_redoes_ingest_and_downstream(config_path):
+    manifest = config_path.parent / "manifest.csv"
+    manifest.write_text("path,caption\na.mp4,a cat\n")
+    cfg = _cfg(config_path)
+    _run_chain(cfg, ["ingest", "generate"])
+    assert is_current(cfg, "ingest") and is_current(cfg, "generate")
+    manifest.write_text("path,caption\na.mp4,a cat\nb.mp4,a dog\n")  # a nightly batch arrived
+    assert not is_current(cfg, "ingest")
+    build = Recorder()
+    assert not run_stage(cfg, "ingest", build).skipped and build.calls == 1
+    assert not is_current(cfg, "generate")  # its input changed: it reruns on the next pipeline run

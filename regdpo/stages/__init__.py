@@ -17,6 +17,7 @@ from regdpo.stages.runner import (
     BuildFn,
     StageInputError,
     StageResult,
+    missing_input,
     read_stage_record,
     run_stage,
 )
@@ -59,7 +60,4 @@ def check_inputs(cfg: Config, names: Iterable[str]) -> None:
     for name in order(requested):
         for up in UPSTREAM[name]:
             if up not in requested and read_stage_record(cfg.workdir, up) is None:
-                raise StageInputError(
-                    f"stage '{name}' needs the outputs of '{up}', which are missing in {cfg.workdir}: "
-                    f"run {up} first (regdpo run CONFIG --stage {up}, or the whole pipeline)"
-                )
+                raise missing_input(name, up, cfg.workdir)

@@ -75,19 +75,35 @@ def read_stage_record(workdir: str | Path, name: str) -> dict[str, Any] | None:
     return json.loads(p.read_text())
 
 
+def missing_input(name: str, up: str, workdir: str | Path) -> StageInputError:
+    return StageInputError(
+        f"stage '{name}' needs the outputs of '{up}', which are missing in {workdir}: "
+        f"run {up} first (regdpo run CONFIG --stage {up}, or the whole pipeline)"
+    )
+
+
+def external_inputs(cfg: Config, name: str) -> str:
+    """A hash of what a stage reads from outside the workdir: the manifest's bytes for ingest.
+
+    So a nightly run over a manifest that gained rows redoes ingest (and everything after it).
+    """
+    if name != "ingest":
+        return ""
+    manifest = Path(cfg.ingest.manifest)
+    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "missing"
+
+
 def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
     """The fingerprint this stage would have now, from its config sections and its inputs."""
     upstream: dict[str, str] = {}
     for up in UPSTREAM[name]:
         rec = read_stage_record(cfg.workdir, up)
         if rec is None:
-            raise StageInputError(
-                f"stage '{name}' needs the outputs of '{up}', which are missing in {cfg.workdir}: "
-                f"run {up} first (regdpo run CONFIG --stage {up}, or the whole pipeline)"
-            )
+            raise missing_input(name, up, cfg.workdir)
         upstream[up] = rec["fingerprint"]
     payload = json.dumps(
-        {"stage": name, "config": cfg.section_fingerprint(*SECTIONS[name]), "seed": cfg.seed, "upstream": upstream},
+        {"stage": name, "config": cfg.section_fingerprint(*SECTIONS[name]), "seed": cfg.seed, "upstream": upstream,
+         "inputs": external_inputs(cfg, name)},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream
