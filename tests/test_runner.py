@@ -216,3 +216,24 @@ def test_manifest_with_new_rows_redoes_ingest_and_downstream(config_path):
     build = Recorder()
     assert not run_stage(cfg, "ingest", build).skipped and build.calls == 1
     assert not is_current(cfg, "generate")  # its input changed: it reruns on the next pipeline run
+
+
+def test_replaced_model_weights_redo_model_stages(tmp_path):
+    import os
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "config.json").write_text("{}")
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"v1")
+    (tmp_path / "manifest.csv").write_text("path,caption\na.mp4,a cat\n")
+    (tmp_path / "cfg.yaml").write_text(
+        "workdir: ./run\nmodel: {path: ./model}\nvideo: {fps: 8, num_frames: 9, height: 32, width: 32}\n"
+        "ingest: {manifest: ./manifest.csv}\n"
+    )
+    cfg = load_config(tmp_path / "cfg.yaml")
+    _run_chain(cfg, ["ingest", "generate"])
+    assert is_current(cfg, "generate")
+    weights.write_bytes(b"v2-finetuned")
+    os.utime(weights, ns=(1, 1))
+    assert is_current(cfg, "ingest") and not is_current(cfg, "generate")

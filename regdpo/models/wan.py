@@ -32,6 +32,7 @@ from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
 from regdpo.config import ModelConfig
+from regdpo.fingerprint import dir_fingerprint
 from regdpo.models.base import VideoModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,25 +49,6 @@ TINY_CLIP = dict(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_atten
                  intermediate_size=16, patch_size=1)
 TINY_CLIP_PROCESSOR = dict(crop_size=32, size=32)
 TINY_FLOW_SHIFT = 3.0  # Wan 2.1's default for 480p
-
-
-def dir_fingerprint(root: Path) -> str:
-    """Hash of a model directory: JSON config contents + every other file's name/size/mtime.
-
-    Cheap (weights are not read) yet changes whenever a weight file is replaced.
-    """
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")):  # caches, .gitattributes
-            continue
-        if f.suffix == ".json":
-            h.update(f"{rel}\0".encode() + f.read_bytes())
-        else:
-            st = f.stat()
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return h.hexdigest()[:16]
 
 
 def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from regdpo.config import Config, save_resolved
+from regdpo.fingerprint import dir_fingerprint
 
 STAGES: tuple[str, ...] = ("ingest", "generate", "encode", "train", "evaluate")
 
@@ -83,14 +84,19 @@ def missing_input(name: str, up: str, workdir: str | Path) -> StageInputError:
 
 
 def external_inputs(cfg: Config, name: str) -> str:
-    """A hash of what a stage reads from outside the workdir: the manifest's bytes for ingest.
+    """A hash of what a stage reads from outside the workdir.
 
-    So a nightly run over a manifest that gained rows redoes ingest (and everything after it).
+    ingest: the manifest's bytes, so a nightly run over a manifest that gained rows redoes
+    ingest and everything after it. Model stages: the model directory (configs + weight file
+    names/sizes/mtimes), so replaced weights redo generation; the tiny preset is its config.
     """
-    if name != "ingest":
-        return ""
-    manifest = Path(cfg.ingest.manifest)
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "missing"
+    if name == "ingest":
+        manifest = Path(cfg.ingest.manifest)
+        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "missing"
+    if "model" in SECTIONS[name] and cfg.model.path is not None:
+        root = Path(cfg.model.path)
+        return dir_fingerprint(root) if root.is_dir() else "missing"
+    return ""
 
 
 def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
