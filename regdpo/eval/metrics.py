@@ -8,7 +8,7 @@ the base model (adapters disabled) and the tuned model (adapters enabled).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -24,8 +24,11 @@ def _pair_generator(seed: int, key: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def pair_errors(spec, pairs: Iterable[dict[str, Any]], timesteps: list[float], seed: int) -> list[dict[str, Any]]:
-    """One row per (pair, t): err_{base,tuned}_{w,l}."""
+def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], timesteps: list[float], seed: int
+                ) -> list[dict[str, Any]]:
+    """One row per (pair, t): err_{base,tuned}_{w,l}. `use("base" | "tuned")` returns the spec
+    set up to predict as that model (see stages/evaluate.py's BaseAndTuned)."""
+    spec = use("base")
     rows = []
     for pair in pairs:
         x_w = pair["latents_w"][None].to(spec.device, torch.float32)
@@ -38,11 +41,9 @@ def pair_errors(spec, pairs: Iterable[dict[str, Any]], timesteps: list[float], s
             xt_l, y_l = noisy_and_target(spec.prediction_type, x_l, noise, t)
             noisy, target, t2 = torch.cat([xt_w, xt_l]), torch.cat([y_w, y_l]), torch.cat([t, t])
             row = {"key": pair["key"], "t": t_val}
-            for name, enabled in (("base", False), ("tuned", True)):
-                spec.set_adapters_enabled(enabled)
-                err = per_sample_error(spec.predict(noisy, t2, cond), target)
+            for name in ("base", "tuned"):
+                err = per_sample_error(use(name).predict(noisy, t2, cond), target)
                 row[f"err_{name}_w"], row[f"err_{name}_l"] = err[0].item(), err[1].item()
-            spec.set_adapters_enabled(True)
             rows.append(row)
     return rows
 

@@ -10,9 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from regdpo.config import Config
 from regdpo.data.shards import iter_pairs, shard_urls
-from regdpo.data.video import write_mp4
+from regdpo.data.video import read_frames, write_mp4
 from regdpo.eval.metrics import pair_errors, summarize
 from regdpo.eval.plots import plot_denoise_error, plot_training_curves, read_metrics
 from regdpo.eval.report import write_report
@@ -21,48 +23,68 @@ from regdpo.stages.common import load_spec
 NUM_SAMPLE_VIDEOS = 2
 
 
-def load_tuned(cfg: Config, workdir: Path):
-    """The base spec with the trained weights of train/final attached (LoRA: toggled by adapters)."""
-    spec = load_spec(cfg)
-    final = workdir / "train" / "final"
-    if cfg.train.finetune != "lora":
-        raise NotImplementedError("evaluate supports LoRA runs (train.finetune: lora) for now")
-    spec.add_lora(cfg.train.lora)
-    spec.load_lora(final)
-    spec.transformer.eval()
-    return spec
+class BaseAndTuned:
+    """One spec that predicts as the base or the tuned model: `use("base" | "tuned")`.
+
+    LoRA runs toggle the adapters of train/final (no second copy); full fine-tuning swaps in the
+    transformer saved in train/final/transformer.
+    """
+
+    def __init__(self, cfg: Config, workdir: Path):
+        self.spec = load_spec(cfg)
+        final = workdir / "train" / "final"
+        if cfg.train.finetune == "lora":
+            self.spec.add_lora(cfg.train.lora)
+            self.spec.load_lora(final)
+            self._models = None
+        else:
+            base = self.spec.transformer
+            tuned = type(base).from_pretrained(final / "transformer", torch_dtype=self.spec.dtype).to(self.spec.device)
+            self._models = {"base": base.eval(), "tuned": tuned.eval()}
+        self.spec.transformer.eval()
+
+    def use(self, which: str):
+        if self._models is None:
+            self.spec.set_adapters_enabled(which == "tuned")
+        else:
+            self.spec.transformer = self._models[which]
+        return self.spec
 
 
-def _samples(spec, cfg: Config, pairs: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+def _first_frame(workdir: Path, clip_id: str) -> np.ndarray:
+    return read_frames(workdir / "ingest" / "clips" / f"{clip_id}.mp4")[0]
+
+
+def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path
+             ) -> list[tuple[str, str]]:
     """Base and tuned videos for the first held-out captions, same seed: eval/samples/<id>-{base,tuned}.mp4."""
     v, g = cfg.video, cfg.generate
     (out / "samples").mkdir(exist_ok=True)
     made = []
     for pair in pairs[:NUM_SAMPLE_VIDEOS]:
         caption, cid = pair["meta"]["caption"], pair["key"]
-        for name, enabled in (("base", False), ("tuned", True)):
-            spec.set_adapters_enabled(enabled)
-            video = spec.generate([caption], [cfg.evaluate.seed], num_frames=v.num_frames, height=v.height,
-                                  width=v.width, num_inference_steps=g.num_inference_steps,
-                                  guidance_scale=g.guidance_scale, negative_prompt=g.negative_prompt,
-                                  flow_shift=g.flow_shift)[0]
+        first = _first_frame(workdir, cid)[None] if cfg.model.family.endswith("i2v") else None
+        for name in ("base", "tuned"):
+            video = models.use(name).generate(
+                [caption], [cfg.evaluate.seed], num_frames=v.num_frames, height=v.height, width=v.width,
+                num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
+                negative_prompt=g.negative_prompt, first_frames=first, flow_shift=g.flow_shift)[0]
             write_mp4(out / "samples" / f"{cid}-{name}.mp4", video, v.fps)
-        spec.set_adapters_enabled(True)
         made.append((cid, caption))
     return made
 
 
 def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
-    spec = load_tuned(cfg, workdir)
+    models = BaseAndTuned(cfg, workdir)
     pairs = list(iter_pairs(shard_urls(workdir / "shards", "heldout")))
-    summary = summarize(pair_errors(spec, pairs, cfg.evaluate.timesteps, cfg.evaluate.seed))
+    summary = summarize(pair_errors(models.use, pairs, cfg.evaluate.timesteps, cfg.evaluate.seed))
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
 
     train_metrics = read_metrics(workdir / "train" / "metrics.jsonl")
     train_record = json.loads((workdir / "train" / "stage.json").read_text())
     plots = [plot_training_curves(train_metrics, out / "training_curves.png").name,
              plot_denoise_error(summary, out / "denoise_error.png").name]
-    samples = _samples(spec, cfg, pairs, out) if not cfg.model.family.endswith("i2v") else []
+    samples = _samples(models, cfg, workdir, pairs, out)
     write_report(out, summary, train_record.get("summary", {}), train_metrics[-1] if train_metrics else None,
                  plots, samples)
     return {"num_pairs": summary["num_pairs"], "implicit_acc": summary["implicit_acc"],
