@@ -98,13 +98,13 @@ def ingest_flow(config_path: str, force: bool = False, overrides: dict[str, Any]
 
 @flow(name="regdpo-generate", flow_run_name=_run_name("generate"))
 def generate_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Clips -> base-model negatives (<workdir>/generate). GPU."""
+    """Clips -> base-model negatives (<workdir>/negatives). GPU."""
     return _stage("generate", config_path, force, overrides)
 
 
 @flow(name="regdpo-encode", flow_run_name=_run_name("encode"))
 def encode_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Clips + negatives -> latent pair shards (<workdir>/encode). GPU."""
+    """Clips + negatives -> latent pair shards (<workdir>/shards). GPU."""
     return _stage("encode", config_path, force, overrides)
 
 
@@ -116,7 +116,7 @@ def train_flow(config_path: str, force: bool = False, overrides: dict[str, Any] 
 
 @flow(name="regdpo-evaluate", flow_run_name=_run_name("evaluate"))
 def evaluate_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Checkpoint + held-out pairs -> metrics and report (<workdir>/evaluate)."""
+    """Checkpoint + held-out pairs -> metrics and report (<workdir>/eval)."""
     return _stage("evaluate", config_path, force, overrides)
 
 

@@ -21,13 +21,22 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKLWan,
-    FlowMatchEulerDiscreteScheduler,
-    WanImageToVideoPipeline,
-    WanPipeline,
-    WanTransformer3DModel,
-)
+from transformers.utils import logging as hf_logging
+
+# Importing the I2V pipeline resolves transformers' CLIPImageProcessor, which without
+# torchvision falls back to the PIL processor (what we use anyway) with a warning on every run.
+_verbosity = hf_logging.get_verbosity()
+hf_logging.set_verbosity_error()
+try:
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+finally:
+    hf_logging.set_verbosity(_verbosity)
 from diffusers.video_processor import VideoProcessor
 from PIL import Image
 
