@@ -1,5 +1,7 @@
 """Strict config: unknown keys and bad values fail naming the field."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -63,3 +65,9 @@ def test_section_fingerprint_tracks_only_its_sections():
     b = config_from_dict({**BASE, "train": {"max_steps": 7}})
     assert a.section_fingerprint("video", "ingest") == b.section_fingerprint("video", "ingest")
     assert a.section_fingerprint("train") != b.section_fingerprint("train")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.train.objective == "reg-dpo" and cfg.train.beta == 1000.0

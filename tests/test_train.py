@@ -119,3 +119,14 @@ def test_train_stage_resumes_from_partial_after_interruption(encoded, tmp_path, 
     result = runner.run_stage(cfg, "train", train_stage.build)
     assert result.summary["resumed_from"] == "step-000003"
     assert (cfg.workdir_path / "train" / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_steps(encoded, tmp_path):
+    urls = shard_urls(encoded.workdir_path / "shards", "train")
+    ckpt = encoded.model_copy(update={"train": encoded.train.model_copy(update={"gradient_checkpointing": True})})
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    train(encoded, load_model(encoded.model), urls, tmp_path / "a")
+    train(ckpt, load_model(ckpt.model), urls, tmp_path / "b")
+    for ra, rb in zip(_metrics(tmp_path / "a" / "metrics.jsonl"), _metrics(tmp_path / "b" / "metrics.jsonl")):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
