@@ -40,3 +40,19 @@ def test_full_finetuning_with_frozen_copy_reference(tmp_path):
     metrics = json.loads((cfg.workdir_path / "eval" / "metrics.json").read_text())
     # the tuned transformer really differs from the base one it was compared against
     assert metrics["s"] != 0.0 and metrics["win_gap"] != 0.0
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_bfloat16_training_steps(tmp_path, finetune):
+    from regdpo.models import load_model
+    from regdpo.train.loop import train
+
+    cfg = load_config(small_config(tmp_path, model={"dtype": "bfloat16"},
+                                   ingest={"heldout_fraction": 0.0, "min_heldout": 0},
+                                   train={"finetune": finetune, "max_steps": 2}))
+    for stage in ("ingest", "generate", "encode"):
+        run(cfg, stage)
+    out = tmp_path / "train"
+    out.mkdir()
+    summary = train(cfg, load_model(cfg.model), shard_urls(cfg.workdir_path / "shards", "train"), out)
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"])

@@ -100,9 +100,12 @@ def _prepare(spec, cfg: Config):
     named = {n: p for n, p in spec.transformer.named_parameters() if p.requires_grad}
     if not named:
         raise RuntimeError("no trainable parameters: check train.finetune and train.lora.target_modules")
-    # Trainable weights in float32 even when the base model is bf16 (stable optimizer updates).
-    for p in named.values():
-        p.data = p.data.float()
+    if tc.finetune == "lora":
+        # LoRA weights in float32 even when the base model is bf16 (stable optimizer updates);
+        # peft casts activations to the adapter's dtype. Full fine-tuning trains in model.dtype:
+        # use dtype float32 there for float32 weights and optimizer state.
+        for p in named.values():
+            p.data = p.data.float()
     optimizer = torch.optim.AdamW(named.values(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
     warmup = max(tc.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
