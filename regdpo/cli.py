@@ -103,6 +103,12 @@ def run(
         )
     except StageInputError as err:
         _fail(str(err))
+    except (ValueError, FileNotFoundError) as err:
+        # Bad inputs found while a stage ran (a manifest whose every video is rejected, a clip
+        # spec that no longer matches the files...): the message says what to fix. Prefect has
+        # already logged the traceback with the flow run.
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1) from None
 
     for r in results:
         state = "skipped" if r["skipped"] else "ran"
