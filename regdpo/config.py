@@ -91,7 +91,6 @@ class GenerateConfig(_Strict):
 class EncodeConfig(_Strict):
     samples_per_shard: int = Field(default=256, ge=1)
     latent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    batch_size: int = Field(default=1, ge=1)
 
 
 class TimestepConfig(_Strict):
@@ -119,7 +118,6 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     gradient_checkpointing: bool = False
-    num_workers: int = Field(default=0, ge=0)
     seed: int = 0
 
     @model_validator(mode="after")

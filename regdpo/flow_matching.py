@@ -11,8 +11,6 @@ All functions are pure tensor math: no model, no I/O.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 PREDICTION_TYPES = ("flow", "epsilon", "v")
@@ -113,9 +111,3 @@ def pair_noise(
     """
     noise = torch.randn(latents_w.shape, generator=generator, dtype=torch.float32)
     return noise.to(device=latents_w.device)
-
-
-def logit_normal_density(t: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
-    """Density of the logit-normal distribution (for plots and tests of the sampler)."""
-    logit = torch.log(t) - torch.log1p(-t)
-    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -36,9 +36,14 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _check_single_process() -> None:
+def _check_supported(spec) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("multi-process training (torchrun with WORLD_SIZE > 1) is not supported yet; run one process")
+    if spec.prediction_type != "flow":
+        # flow_matching.noisy_and_target supports epsilon/v, but the loop samples continuous t;
+        # DDPM-style specs also need integer timesteps and the scheduler's alphas_cumprod.
+        raise NotImplementedError(f"training a {spec.prediction_type!r}-prediction model is not supported yet "
+                                  "(flow-matching models such as Wan are)")
 
 
 def forward_backward(spec, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
@@ -114,7 +119,7 @@ def _prepare(spec, cfg: Config):
 
 def train(cfg: Config, spec, urls: list[str], out_dir: Path) -> dict[str, Any]:
     """Train for cfg.train.max_steps steps (resuming from out_dir/checkpoints if present)."""
-    _check_single_process()
+    _check_supported(spec)
     tc = cfg.train
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
