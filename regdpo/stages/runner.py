@@ -147,9 +147,10 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
 
     partial = workdir / f".{final.name}.partial"
     marker = partial / "partial.json"
+    # Resuming is exact (train/data.py, train/checkpoint.py), so an interrupted run with the same
+    # fingerprint is picked up even under force: the result is the same as starting over.
     keep = (
         name in RESUMABLE
-        and not force
         and marker.is_file()
         and json.loads(marker.read_text()).get("fingerprint") == fingerprint
     )
