@@ -14,7 +14,7 @@ from tests.pipeline_helpers import small_config
 LAYOUT = [
     "ingest/clips.parquet", "ingest/rejects.parquet", "negatives/negatives.parquet", "shards/index.json",
     "train/metrics.jsonl", "train/final/pytorch_lora_weights.safetensors", "eval/metrics.json", "eval/report.md",
-    "eval/training_curves.png", "eval/denoise_error.png",
+    "eval/training_curves.png", "eval/denoise_error.png", "eval/samples.png",
 ]
 
 

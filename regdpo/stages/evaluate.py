@@ -10,13 +10,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from regdpo.config import Config
 from regdpo.data.shards import iter_pairs, shard_urls
 from regdpo.data.video import read_frames, write_mp4
 from regdpo.eval.metrics import pair_errors, summarize
-from regdpo.eval.plots import plot_denoise_error, plot_training_curves, read_metrics
+from regdpo.eval.plots import plot_denoise_error, plot_sample_frames, plot_training_curves, read_metrics
 from regdpo.eval.report import write_report
 from regdpo.stages.common import load_spec
 
@@ -51,26 +49,27 @@ class BaseAndTuned:
         return self.spec
 
 
-def _first_frame(workdir: Path, clip_id: str) -> np.ndarray:
-    return read_frames(workdir / "ingest" / "clips" / f"{clip_id}.mp4")[0]
-
-
 def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path
-             ) -> list[tuple[str, str]]:
-    """Base and tuned videos for the first held-out captions, same seed: eval/samples/<id>-{base,tuned}.mp4."""
+             ) -> list[dict[str, Any]]:
+    """Base and tuned videos for the first held-out captions, same seed: eval/samples/<id>-{base,tuned}.mp4.
+
+    Returns, per clip, its id, caption and the frames of the real clip, the base and the tuned video.
+    """
     v, g = cfg.video, cfg.generate
     (out / "samples").mkdir(exist_ok=True)
     made = []
     for pair in pairs[:NUM_SAMPLE_VIDEOS]:
         caption, cid = pair["meta"]["caption"], pair["key"]
-        first = _first_frame(workdir, cid)[None] if cfg.model.family.endswith("i2v") else None
+        real = read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4")
+        first = real[None, 0] if cfg.model.family.endswith("i2v") else None
+        videos = {"real": real}
         for name in ("base", "tuned"):
-            video = models.use(name).generate(
+            videos[name] = models.use(name).generate(
                 [caption], [cfg.evaluate.seed], num_frames=v.num_frames, height=v.height, width=v.width,
                 num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
                 negative_prompt=g.negative_prompt, first_frames=first, flow_shift=g.flow_shift)[0]
-            write_mp4(out / "samples" / f"{cid}-{name}.mp4", video, v.fps)
-        made.append((cid, caption))
+            write_mp4(out / "samples" / f"{cid}-{name}.mp4", videos[name], v.fps)
+        made.append({"clip_id": cid, "caption": caption, "videos": videos})
     return made
 
 
@@ -85,7 +84,9 @@ def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
     plots = [plot_training_curves(train_metrics, out / "training_curves.png").name,
              plot_denoise_error(summary, out / "denoise_error.png").name]
     samples = _samples(models, cfg, workdir, pairs, out)
+    if samples:
+        plots.append(plot_sample_frames(samples, out / "samples.png").name)
     write_report(out, summary, train_record.get("summary", {}), train_metrics[-1] if train_metrics else None,
-                 plots, samples)
+                 plots, [(s["clip_id"], s["caption"]) for s in samples])
     return {"num_pairs": summary["num_pairs"], "implicit_acc": summary["implicit_acc"],
             "win_gap": summary["win_gap"], "lose_gap": summary["lose_gap"]}
