@@ -58,11 +58,9 @@ import torch
 from diffusers import WanTransformer3DModel
 
 from regdpo.config import Config, config_from_dict
-from regdpo.data.shards import conditioning
-from regdpo.flow_matching import noisy_and_target, pair_noise, sample_timesteps
-from regdpo.losses import per_sample_error, preference_loss
+from regdpo.losses import per_sample_error
 from regdpo.models.wan import DTYPES, TINY_TRANSFORMER, WanT2VSpec, _cast_like_from_pretrained
-from regdpo.train.loop import _prepare, forward_backward, train_step
+from regdpo.train.loop import _prepare, forward_backward, pair_inputs, pair_loss, train_step
 from regdpo.train.reference import make_reference
 
 MiB = 1024**2
@@ -169,25 +167,12 @@ def measured_optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int | No
 def forward_backward_separate(spec, reference, batch, cfg: Config, generator: torch.Generator) -> dict[str, float]:
     """`regdpo.train.loop.forward_backward` with winner and loser as two B-sized forwards
     (for the reference and for the policy) instead of one 2B batch. Same RNG draws, same loss."""
-    tc = cfg.train
-    device = spec.device
-    latents_w = batch["latents_w"].to(device, torch.float32)
-    latents_l = batch["latents_l"].to(device, torch.float32)
-    cond = {k: v.to(device) for k, v in conditioning(batch).items()}
-    num_pairs = latents_w.shape[0]
-
-    noise = pair_noise(latents_w, generator)
-    t = sample_timesteps(num_pairs, sampling=tc.timesteps.sampling, logit_mean=tc.timesteps.logit_mean,
-                         logit_std=tc.timesteps.logit_std, shift=tc.timesteps.shift, generator=generator, device=device)
-    noisy_w, target_w = noisy_and_target(spec.prediction_type, latents_w, noise, t)
-    noisy_l, target_l = noisy_and_target(spec.prediction_type, latents_l, noise, t)
-
-    ref_err_w = per_sample_error(reference.predict(spec, noisy_w, t, cond), target_w)
-    ref_err_l = per_sample_error(reference.predict(spec, noisy_l, t, cond), target_l)
-    err_w = per_sample_error(spec.predict(noisy_w, t, cond), target_w)
-    err_l = per_sample_error(spec.predict(noisy_l, t, cond), target_l)
-    out = preference_loss(err_w, err_l, ref_err_w, ref_err_l, beta=tc.beta, objective=tc.objective, r_mode=tc.r_mode,
-                          r_scale=tc.r_scale, r_constant=tc.r_constant)
+    x = pair_inputs(spec, batch, cfg, generator)
+    ref_err_w = per_sample_error(reference.predict(spec, x.noisy_w, x.t, x.cond), x.target_w)
+    ref_err_l = per_sample_error(reference.predict(spec, x.noisy_l, x.t, x.cond), x.target_l)
+    err_w = per_sample_error(spec.predict(x.noisy_w, x.t, x.cond), x.target_w)
+    err_l = per_sample_error(spec.predict(x.noisy_l, x.t, x.cond), x.target_l)
+    out = pair_loss(cfg, err_w, err_l, ref_err_w, ref_err_l)
     out.loss.backward()
     return out.metrics
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from regdpo.config import Config
 from regdpo.data.shards import conditioning
 from regdpo.flow_matching import noisy_and_target, pair_noise, sample_timesteps
-from regdpo.losses import per_sample_error, preference_loss
+from regdpo.losses import PreferenceLossOutput, per_sample_error, preference_loss
 from regdpo.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from regdpo.train.data import pair_stream
 from regdpo.train.reference import make_reference
@@ -46,33 +47,55 @@ def _check_supported(spec) -> None:
                                   "(flow-matching models such as Wan are)")
 
 
-def forward_backward(spec, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
-    """One (t, ε) per pair shared by winner and loser; policy and reference errors; backward."""
-    tc = cfg.train
-    device = spec.device
+@dataclass
+class PairInputs:
+    """Model inputs and targets of a batch of pairs: winner and loser share t, ε and conditioning."""
+
+    noisy_w: torch.Tensor
+    noisy_l: torch.Tensor
+    target_w: torch.Tensor
+    target_l: torch.Tensor
+    t: torch.Tensor
+    cond: dict[str, torch.Tensor]
+
+
+def pair_inputs(spec, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> PairInputs:
+    """Draw ONE (t, ε) per pair and apply it to both members (METHOD.md: shared within a pair)."""
+    tc, device = cfg.train, spec.device
     latents_w = batch["latents_w"].to(device, torch.float32)
     latents_l = batch["latents_l"].to(device, torch.float32)
-    cond = {k: v.to(device) for k, v in conditioning(batch).items()}
-    num_pairs = latents_w.shape[0]
-
     noise = pair_noise(latents_w, generator)
-    t = sample_timesteps(num_pairs, sampling=tc.timesteps.sampling, logit_mean=tc.timesteps.logit_mean,
+    t = sample_timesteps(latents_w.shape[0], sampling=tc.timesteps.sampling, logit_mean=tc.timesteps.logit_mean,
                          logit_std=tc.timesteps.logit_std, shift=tc.timesteps.shift, generator=generator, device=device)
     noisy_w, target_w = noisy_and_target(spec.prediction_type, latents_w, noise, t)
     noisy_l, target_l = noisy_and_target(spec.prediction_type, latents_l, noise, t)
+    cond = {k: v.to(device) for k, v in conditioning(batch).items()}
+    return PairInputs(noisy_w, noisy_l, target_w, target_l, t, cond)
+
+
+def pair_loss(cfg: Config, err_w, err_l, ref_err_w, ref_err_l) -> PreferenceLossOutput:
+    """The configured objective on per-sample errors; a non-finite loss is an error."""
+    tc = cfg.train
+    out = preference_loss(err_w, err_l, ref_err_w, ref_err_l, beta=tc.beta, objective=tc.objective,
+                          r_mode=tc.r_mode, r_scale=tc.r_scale, r_constant=tc.r_constant)
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(f"non-finite loss {out.loss.item()} (metrics {out.metrics}); lower train.learning_rate")
+    return out
+
+
+def forward_backward(spec, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
+    """Policy and reference errors of winner and loser, the loss, backward."""
+    x = pair_inputs(spec, batch, cfg, generator)
+    num_pairs = x.t.shape[0]
     # Winner and loser go through the model as one batch of 2B: same t, same ε, same conditioning.
-    noisy = torch.cat([noisy_w, noisy_l])
-    target = torch.cat([target_w, target_l])
-    t2 = torch.cat([t, t])
-    cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
+    noisy = torch.cat([x.noisy_w, x.noisy_l])
+    target = torch.cat([x.target_w, x.target_l])
+    t2 = torch.cat([x.t, x.t])
+    cond2 = {k: torch.cat([v, v]) for k, v in x.cond.items()}
 
     ref_err = per_sample_error(reference.predict(spec, noisy, t2, cond2), target)
     err = per_sample_error(spec.predict(noisy, t2, cond2), target)
-    out = preference_loss(err[:num_pairs], err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:],
-                          beta=tc.beta, objective=tc.objective, r_mode=tc.r_mode,
-                          r_scale=tc.r_scale, r_constant=tc.r_constant)
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(f"non-finite loss {out.loss.item()} (metrics {out.metrics}); lower train.learning_rate")
+    out = pair_loss(cfg, err[:num_pairs], err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:])
     out.loss.backward()
     return out.metrics
 
