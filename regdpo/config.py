@@ -25,6 +25,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def runtime(default: Any = ..., **kwargs: Any) -> Any:
+    """A field that says where or how fast work runs, not what it produces (devices, batch
+    sizes, process counts, checkpoint cadence). Runtime fields are left out of every
+    fingerprint, so changing them never redoes finished work."""
+    return Field(default, json_schema_extra={"runtime": True}, **kwargs)
+
+
+def fingerprint_payload(model: BaseModel) -> dict[str, Any]:
+    """The model's values without its runtime fields (recursively): what shapes a stage's output."""
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        if (info.json_schema_extra or {}).get("runtime"):
+            continue
+        value = getattr(model, name)
+        out[name] = fingerprint_payload(value) if isinstance(value, BaseModel) else _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return fingerprint_payload(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
 class LoraConfig(_Strict):
     rank: int = Field(default=16, ge=1)
     alpha: float = Field(default=16.0, gt=0)
@@ -40,7 +68,7 @@ class ModelConfig(_Strict):
     preset: Literal["tiny"] | None = None
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"
+    device: str = runtime("auto", description="where the model runs: auto (cuda if available), cpu, cuda, cuda:1")
     max_sequence_length: int = Field(default=512, ge=1)
     seed: int = 0
 
@@ -84,12 +112,12 @@ class GenerateConfig(_Strict):
     guidance_scale: float = Field(default=5.0, ge=0)
     negative_prompt: str = ""
     flow_shift: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=1, ge=1)
+    batch_size: int = runtime(1, ge=1, description="clips per denoiser call")
     seed: int = 0
 
 
 class EncodeConfig(_Strict):
-    samples_per_shard: int = Field(default=256, ge=1)
+    samples_per_shard: int = runtime(256, ge=1, description="pairs per new shard file")
     latent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
@@ -115,9 +143,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(default=1000, ge=1)
     batch_size: int = Field(default=1, ge=1)
     grad_clip: float = Field(default=1.0, gt=0)
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    gradient_checkpointing: bool = False
+    checkpoint_every: int = runtime(500, ge=1)
+    keep_checkpoints: int = runtime(2, ge=1)
+    gradient_checkpointing: bool = runtime(False)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -156,8 +184,9 @@ class Config(_Strict):
         return Path(self.workdir)
 
     def section_fingerprint(self, *names: str) -> str:
-        """Stable hash of the named top-level sections (e.g. 'model', 'video', 'ingest')."""
-        payload = {n: getattr(self, n).model_dump(mode="json") for n in names}
+        """Stable hash of the named top-level sections (e.g. 'model', 'video', 'ingest'),
+        runtime fields (devices, batch sizes, ...) left out."""
+        payload = {n: fingerprint_payload(getattr(self, n)) for n in names}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

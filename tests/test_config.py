@@ -71,3 +71,15 @@ def test_section_fingerprint_tracks_only_its_sections():
 def test_shipped_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.train.objective == "reg-dpo" and cfg.train.beta == 1000.0
+
+
+def test_runtime_fields_are_in_no_fingerprint(tmp_path):
+    """Where and how fast work runs (device, batch sizes, checkpoint cadence) never redoes work."""
+    cfg = load_config(_write(tmp_path, BASE))
+    placed = load_config(_write(tmp_path, {**BASE, "model": {**BASE["model"], "device": "cuda:3"},
+                                           "generate": {"batch_size": 7}, "encode": {"samples_per_shard": 3},
+                                           "train": {"checkpoint_every": 9, "gradient_checkpointing": True}}))
+    for sections in (("model",), ("generate",), ("encode",), ("train",)):
+        assert placed.section_fingerprint(*sections) == cfg.section_fingerprint(*sections), sections
+    shaped = load_config(_write(tmp_path, {**BASE, "generate": {"guidance_scale": 2.0}}))
+    assert shaped.section_fingerprint("generate") != cfg.section_fingerprint("generate")
