@@ -20,7 +20,7 @@ import typer
 import yaml
 
 from regdpo.config import Config, ConfigError, load_config
-from regdpo.stages import STAGES, UPSTREAM, StageInputError, check_inputs, order
+from regdpo.stages import STAGE, STAGES, StageInputError, check_inputs, order
 from regdpo.stages.runner import expected_fingerprint, read_stage_record, stage_dir
 
 app = typer.Typer(
@@ -130,7 +130,7 @@ def _states(cfg: Config) -> dict[str, tuple[str, str]]:
         rec = read_stage_record(cfg.workdir, name)
         if rec is None:
             partial = Path(cfg.workdir) / f".{stage_dir(cfg.workdir, name).name}.partial"
-            resumable = name == "train" and partial.is_dir()
+            resumable = STAGE[name].resumable and partial.is_dir()
             states[name] = ("missing", "interrupted run present (resumes)" if resumable else "")
             continue
         try:
@@ -138,7 +138,7 @@ def _states(cfg: Config) -> dict[str, tuple[str, str]]:
         except StageInputError:
             states[name] = ("stale", "its inputs are missing")
             continue
-        redo = [up for up in UPSTREAM[name] if states[up][0] != "current"]
+        redo = [up for up in STAGE[name].inputs if states[up][0] != "current"]
         if redo:
             states[name] = ("stale", f"reruns after {', '.join(redo)}")
         elif rec["fingerprint"] != fingerprint:
@@ -160,10 +160,10 @@ def status(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def stages() -> None:
-    """List the stages in order and what each reads."""
-    for name in STAGES:
-        reads = ", ".join(UPSTREAM[name]) or "videos + captions (ingest.manifest)"
-        typer.echo(f"{name:<9} reads: {reads}")
+    """List the stages in order, what each does and what it reads."""
+    for st in STAGE.values():
+        reads = ", ".join(st.inputs) or "videos + captions (ingest.manifest)"
+        typer.echo(f"{st.name:<9} {st.summary}; reads: {reads}; writes: <workdir>/{st.dir}/")
 
 
 if __name__ == "__main__":

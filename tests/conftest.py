@@ -58,7 +58,8 @@ def fake_builders(monkeypatch) -> list[str]:
     Each fake checks its inputs are published, writes `<stage>.txt`, and evaluate writes report.md.
     """
     import regdpo.stages
-    from regdpo.stages.runner import STAGES, UPSTREAM, stage_dir
+    from regdpo.stages.registry import STAGE, STAGES
+    from regdpo.stages.runner import stage_dir
 
     calls: list[str] = []
 
@@ -66,9 +67,10 @@ def fake_builders(monkeypatch) -> list[str]:
         if name not in STAGES:
             raise ValueError(f"unknown stage {name!r}")
 
-        def build(cfg, workdir: Path, out: Path) -> dict:
-            for up in UPSTREAM[name]:
-                assert (stage_dir(workdir, up) / "stage.json").is_file(), f"{name} ran before {up}"
+        def build(ctx) -> dict:
+            out = ctx.out
+            for up in STAGE[name].inputs:
+                assert (stage_dir(ctx.workdir, up) / "stage.json").is_file(), f"{name} ran before {up}"
             calls.append(name)
             (out / f"{name}.txt").write_text(name)
             if name == "evaluate":

@@ -111,7 +111,7 @@ def test_run_through_prefect_prints_stages_and_report(config_path, fake_builders
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
 def test_stage_input_problem_is_a_message_not_a_traceback(config_path, monkeypatch):
-    def build(cfg, workdir, out):
+    def build(ctx):
         raise ValueError("manifest.csv: no clip was accepted; fix or replace these inputs")
 
     monkeypatch.setattr(stages, "get_builder", lambda name: build)

@@ -89,11 +89,11 @@ def test_generate_retries_transient_errors_only(config_path, fake_builders, monk
     attempts: list[str] = []
 
     def flaky(name):
-        def build(cfg, workdir, out):
+        def build(ctx):
             attempts.append(name)
             if len(attempts) == 1:
                 raise OSError("NFS hiccup")
-            return fake(name)(cfg, workdir, out)
+            return fake(name)(ctx)
 
         return build
 
@@ -102,7 +102,7 @@ def test_generate_retries_transient_errors_only(config_path, fake_builders, monk
     assert attempts == ["generate", "generate"] and not out["skipped"]
 
     def bad_value(name):
-        def build(cfg, workdir, out):
+        def build(ctx):
             attempts.append(name)
             raise ValueError("a clip has no caption")
 

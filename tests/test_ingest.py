@@ -9,6 +9,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from regdpo.stages.runner import StageContext
+
 from regdpo.config import config_from_dict
 from regdpo.data.video import read_frames
 from regdpo.stages.ingest import (
@@ -53,7 +55,7 @@ def make_cfg(tmp_path: Path, manifest: Path, video: dict | None = None, **ingest
 def run_build(cfg, tmp_path: Path, name: str = "out"):
     out = tmp_path / name
     out.mkdir()
-    summary = build(cfg, Path(cfg.workdir), out)
+    summary = build(StageContext(cfg, Path(cfg.workdir), out))
     return summary, out
 
 
@@ -128,20 +130,20 @@ def test_manifest_errors_name_the_file_row_and_field(tmp_path):
     folder = tmp_path / "videos"
     no_caption = write_manifest(folder, [{"path": "a.mp4"}], "no_caption.csv")
     with pytest.raises(ManifestError, match=r"no_caption\.csv: missing required column 'caption'"):
-        build(make_cfg(tmp_path, no_caption), tmp_path, tmp_path)
+        build(StageContext(make_cfg(tmp_path, no_caption), tmp_path, tmp_path))
     rows = [{"path": "a.mp4", "caption": "ok"}, {"path": "b.mp4", "caption": " "}]
     empty = write_manifest(folder, rows, "empty.csv")
     with pytest.raises(ManifestError, match=r"empty\.csv: row 2 \(line 3\), field 'caption'"):
-        build(make_cfg(tmp_path, empty), tmp_path, tmp_path)
+        build(StageContext(make_cfg(tmp_path, empty), tmp_path, tmp_path))
     bad_time = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "start_s": "soon"}], "bad_time.csv")
     with pytest.raises(ManifestError, match=r"row 1 .*field 'start_s'.*not a number"):
-        build(make_cfg(tmp_path, bad_time), tmp_path, tmp_path)
+        build(StageContext(make_cfg(tmp_path, bad_time), tmp_path, tmp_path))
     backwards = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "start_s": 5, "end_s": 2}], "back.csv")
     with pytest.raises(ManifestError, match=r"field 'end_s'.*after start_s"):
-        build(make_cfg(tmp_path, backwards), tmp_path, tmp_path)
+        build(StageContext(make_cfg(tmp_path, backwards), tmp_path, tmp_path))
     typo = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "end_sec": 2}], "typo.csv")
     with pytest.raises(ManifestError, match=r"unknown column\(s\) 'end_sec'"):
-        build(make_cfg(tmp_path, typo), tmp_path, tmp_path)
+        build(StageContext(make_cfg(tmp_path, typo), tmp_path, tmp_path))
 
 
 def test_parquet_manifest_and_windows(tmp_path):

@@ -30,7 +30,8 @@ class Recorder:
         self.fail = fail
         self.seen_in_out: list[list[str]] = []
 
-    def __call__(self, cfg, workdir: Path, out: Path) -> dict:
+    def __call__(self, ctx) -> dict:
+        out = ctx.out
         self.calls += 1
         self.seen_in_out.append(sorted(p.name for p in out.iterdir()))
         (out / "result.txt").write_text(f"call {self.calls}")

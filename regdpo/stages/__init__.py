@@ -1,7 +1,7 @@
 """The pipeline stages as plain functions: `run(cfg, "train")` from a notebook, torchrun or a flow.
 
-Each stage lives in `regdpo/stages/<name>.py` and exposes `build(cfg, workdir, out) -> dict`
-(the contract in `runner.py`). Builders are imported on first use, so importing this package
+Stages are declared once in `registry.py`; each lives in `regdpo/stages/<name>.py` and exposes
+`build(ctx: StageContext) -> dict` (the contract in `runner.py`). Builders are imported on first use, so importing this package
 (e.g. for `regdpo status`) does not import torch.
 """
 
@@ -11,9 +11,8 @@ import importlib
 from collections.abc import Iterable
 
 from regdpo.config import Config
+from regdpo.stages.registry import STAGE, STAGES, Stage, get_stage
 from regdpo.stages.runner import (
-    STAGES,
-    UPSTREAM,
     BuildFn,
     StageInputError,
     StageResult,
@@ -22,13 +21,13 @@ from regdpo.stages.runner import (
     run_stage,
 )
 
-__all__ = ["STAGES", "UPSTREAM", "StageInputError", "StageResult", "check_inputs", "get_builder", "order", "run"]
+__all__ = ["STAGE", "STAGES", "Stage", "StageInputError", "StageResult", "check_inputs", "get_builder", "get_stage",
+           "order", "run"]
 
 
 def get_builder(name: str) -> BuildFn:
     """The `build` function of stage `name`, importing its module now."""
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    get_stage(name)
     return importlib.import_module(f"regdpo.stages.{name}").build
 
 
@@ -58,6 +57,6 @@ def check_inputs(cfg: Config, names: Iterable[str]) -> None:
     """
     requested = set(names)
     for name in order(requested):
-        for up in UPSTREAM[name]:
+        for up in STAGE[name].inputs:
             if up not in requested and read_stage_record(cfg.workdir, up) is None:
                 raise missing_input(name, up, cfg.workdir)

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from regdpo.config import Config
+from regdpo.stages.runner import StageContext
 from regdpo.data.shards import ShardWriter, encode_sample, tensor_summary, write_index
 from regdpo.data.video import read_frames
 from regdpo.stages.common import load_clips, load_negatives, load_spec
@@ -49,7 +50,8 @@ def encode_pair(spec, cfg: Config, workdir: Path, clip, negative) -> dict[str, t
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
-def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
+def build(ctx: StageContext) -> dict[str, Any]:
+    cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
     clips = load_clips(workdir)
     negatives = load_negatives(workdir).set_index("clip_id")
     missing = sorted(set(clips.clip_id) - set(negatives.index))

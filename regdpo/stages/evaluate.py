@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from regdpo.config import Config
+from regdpo.stages.runner import StageContext
 from regdpo.data.shards import iter_pairs, shard_urls
 from regdpo.data.video import read_frames, write_mp4
 from regdpo.eval.metrics import pair_errors, summarize
@@ -73,7 +74,8 @@ def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[
     return made
 
 
-def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
+def build(ctx: StageContext) -> dict[str, Any]:
+    cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
     models = BaseAndTuned(cfg, workdir)
     pairs = list(iter_pairs(shard_urls(workdir / "shards", "heldout")))
     summary = summarize(pair_errors(models.use, pairs, cfg.evaluate.timesteps, cfg.evaluate.seed))

@@ -17,6 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from regdpo.config import Config
+from regdpo.stages.runner import StageContext
 from regdpo.data.video import read_frames, write_mp4
 from regdpo.stages.common import load_clips, load_spec
 
@@ -27,7 +28,8 @@ def clip_seed(base_seed: int, clip_id: str) -> int:
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
+def build(ctx: StageContext) -> dict[str, Any]:
+    cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
     clips = load_clips(workdir)
     spec = load_spec(cfg)
     gen, video = cfg.generate, cfg.video

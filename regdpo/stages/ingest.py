@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from regdpo.config import Config
+from regdpo.stages.runner import StageContext
 from regdpo.data.video import VideoError, count_decodable_duration, probe, read_clip, write_mp4
 
 log = logging.getLogger(__name__)
@@ -238,11 +239,12 @@ class _Ingester:
         )
 
 
-def build(cfg: Config, workdir: Path, out: Path) -> dict[str, int]:
-    """Ingest stage entry point (see regdpo.stages.runner): writes clips/, clips.parquet, rejects.parquet into `out`.
+def build(ctx: StageContext) -> dict[str, int]:
+    """Ingest stage entry point (see regdpo.stages.runner): writes clips/, clips.parquet, rejects.parquet into `ctx.out`.
 
     Returns counts: num_clips, num_rejects, num_train, num_heldout.
     """
+    cfg, out = ctx.cfg, ctx.out
     manifest = Path(cfg.ingest.manifest)
     rows = read_manifest(manifest)
     (out / "clips").mkdir(parents=True, exist_ok=True)

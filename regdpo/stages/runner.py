@@ -20,38 +20,27 @@ from typing import Any, Callable
 
 from regdpo.config import Config, save_resolved
 from regdpo.fingerprint import dir_fingerprint
+from regdpo.stages.registry import STAGE, STAGES, get_stage
 
-STAGES: tuple[str, ...] = ("ingest", "generate", "encode", "train", "evaluate")
-
-# Which stages' outputs each stage reads, and which config sections shape its result.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "ingest": (),
-    "generate": ("ingest",),
-    "encode": ("ingest", "generate"),
-    "train": ("encode",),
-    "evaluate": ("encode", "train"),
-}
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "ingest": ("video", "ingest"),
-    "generate": ("model", "video", "generate"),
-    "encode": ("model", "video", "encode"),
-    "train": ("model", "train"),
-    "evaluate": ("model", "evaluate"),
-}
-# Where each stage publishes under the workdir (docs/DESIGN.md's layout, a public contract).
-STAGE_DIRS: dict[str, str] = {
-    "ingest": "ingest",
-    "generate": "negatives",
-    "encode": "shards",
-    "train": "train",
-    "evaluate": "eval",
-}
-# Stages whose partial directory survives an interruption (training resumes from checkpoints).
-RESUMABLE = {"train"}
+__all__ = ["STAGES", "BuildFn", "StageContext", "StageInputError", "StageResult", "expected_fingerprint",
+           "is_current", "read_stage_record", "run_stage", "stage_dir"]
 
 
 class StageInputError(RuntimeError):
     """A stage's inputs are missing or stale; the message says which stage to run first."""
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage's `build` gets: the config, the workdir, the fresh (or resumed) partial
+    folder to write into, whether the run was forced, and the currently published output of
+    this stage (None when there is none), which a resumable stage may continue from."""
+
+    cfg: Config
+    workdir: Path
+    out: Path
+    force: bool = False
+    previous: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -66,7 +55,7 @@ class StageResult:
 
 def stage_dir(workdir: str | Path, name: str) -> Path:
     """The published output directory of a stage, e.g. generate -> <workdir>/negatives."""
-    return Path(workdir) / STAGE_DIRS[name]
+    return Path(workdir) / get_stage(name).dir
 
 
 def read_stage_record(workdir: str | Path, name: str) -> dict[str, Any] | None:
@@ -93,7 +82,7 @@ def external_inputs(cfg: Config, name: str) -> str:
     if name == "ingest":
         manifest = Path(cfg.ingest.manifest)
         return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "missing"
-    if "model" in SECTIONS[name] and cfg.model.path is not None:
+    if STAGE[name].reads_model and cfg.model.path is not None:
         root = Path(cfg.model.path)
         return dir_fingerprint(root) if root.is_dir() else "missing"
     return ""
@@ -102,13 +91,13 @@ def external_inputs(cfg: Config, name: str) -> str:
 def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
     """The fingerprint this stage would have now, from its config sections and its inputs."""
     upstream: dict[str, str] = {}
-    for up in UPSTREAM[name]:
+    for up in get_stage(name).inputs:
         rec = read_stage_record(cfg.workdir, up)
         if rec is None:
             raise missing_input(name, up, cfg.workdir)
         upstream[up] = rec["fingerprint"]
     payload = json.dumps(
-        {"stage": name, "config": cfg.section_fingerprint(*SECTIONS[name]), "seed": cfg.seed, "upstream": upstream,
+        {"stage": name, "config": cfg.section_fingerprint(*STAGE[name].sections), "seed": cfg.seed, "upstream": upstream,
          "inputs": external_inputs(cfg, name)},
         sort_keys=True,
     )
@@ -126,17 +115,16 @@ def is_current(cfg: Config, name: str) -> bool:
     return rec["fingerprint"] == fp
 
 
-BuildFn = Callable[[Config, Path, Path], dict[str, Any]]
+BuildFn = Callable[[StageContext], dict[str, Any]]
 
 
 def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) -> StageResult:
-    """Run `build(cfg, workdir, out_dir)` unless the stage is already current.
+    """Run `build(ctx)` unless the stage is already current.
 
-    `build` writes everything into `out_dir` (a fresh partial directory) and returns a small
-    JSON-able summary (counts, not tensors).
+    `build` writes everything into `ctx.out` (a fresh partial directory, or the kept partial
+    of an interrupted resumable run) and returns a small JSON-able summary (counts, not tensors).
     """
-    if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    stage = get_stage(name)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     fingerprint, upstream = expected_fingerprint(cfg, name)
@@ -150,7 +138,7 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
     # Resuming is exact (train/data.py, train/checkpoint.py), so an interrupted run with the same
     # fingerprint is picked up even under force: the result is the same as starting over.
     keep = (
-        name in RESUMABLE
+        stage.resumable
         and marker.is_file()
         and json.loads(marker.read_text()).get("fingerprint") == fingerprint
     )
@@ -160,7 +148,8 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
     marker.write_text(json.dumps({"fingerprint": fingerprint}))
 
     start = time.perf_counter()
-    summary = build(cfg, workdir, partial)
+    previous = final if rec is not None else None
+    summary = build(StageContext(cfg, workdir, partial, force=force, previous=previous))
     seconds = time.perf_counter() - start
 
     save_resolved(cfg, partial)

@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from regdpo.config import Config
+from regdpo.stages.runner import StageContext
 from regdpo.data.shards import shard_urls
 from regdpo.stages.common import load_spec
 from regdpo.train.loop import train
 
 
-def build(cfg: Config, workdir: Path, out: Path) -> dict[str, Any]:
-    urls = shard_urls(workdir / "shards", "train")
-    spec = load_spec(cfg)
-    return train(cfg, spec, urls, out)
+def build(ctx: StageContext) -> dict[str, Any]:
+    urls = shard_urls(ctx.workdir / "shards", "train")
+    spec = load_spec(ctx.cfg)
+    return train(ctx.cfg, spec, urls, ctx.out)
