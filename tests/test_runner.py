@@ -29,9 +29,11 @@ class Recorder:
         self.calls = 0
         self.fail = fail
         self.seen_in_out: list[list[str]] = []
+        self.contexts: list = []
 
     def __call__(self, ctx) -> dict:
         out = ctx.out
+        self.contexts.append(ctx)
         self.calls += 1
         self.seen_in_out.append(sorted(p.name for p in out.iterdir()))
         (out / "result.txt").write_text(f"call {self.calls}")
@@ -140,27 +142,47 @@ def _interrupted(cfg, name: str) -> Path:
     return partial
 
 
-def test_train_partial_resumes_only_with_same_fingerprint(config_path):
+def test_resumable_partial_is_handed_back_with_its_fingerprint(config_path):
+    """train gets an interrupted partial back and is told which settings started it; it decides
+    (regdpo/stages/train.py continues only a same-fingerprint run)."""
     cfg = _cfg(config_path)
     _run_chain(cfg, ["ingest", "generate", "encode"])
 
     _interrupted(cfg, "train")
     resumed = Recorder()
-    run_stage(cfg, "train", resumed)
-    assert "checkpoint.bin" in resumed.seen_in_out[0]  # same settings: the partial run is kept
+    result = run_stage(cfg, "train", resumed)
+    assert "checkpoint.bin" in resumed.seen_in_out[0]
+    assert resumed.contexts[0].interrupted_fingerprint == result.fingerprint == resumed.contexts[0].fingerprint
+    assert resumed.contexts[0].previous is None
     assert not (stage_dir(cfg.workdir, "train") / "partial.json").exists()
 
-    _interrupted(_cfg(config_path, **{"train.learning_rate": 2e-4}), "train")
-    fresh = Recorder()
-    run_stage(_cfg(config_path, **{"train.learning_rate": 3e-4}), "train", fresh)
-    assert "checkpoint.bin" not in fresh.seen_in_out[0]  # changed settings: start over
-
-    other = _cfg(config_path, **{"train.learning_rate": 4e-4})
+    other = _cfg(config_path, **{"train.learning_rate": 2e-4})
     _interrupted(other, "train")
-    forced = Recorder()
-    run_stage(other, "train", forced, force=True)
-    # force (and `--stage train`) still resumes a same-fingerprint partial: resume is exact
-    assert "checkpoint.bin" in forced.seen_in_out[0]
+    changed = Recorder()
+    run_stage(_cfg(config_path, **{"train.learning_rate": 3e-4}), "train", changed)
+    ctx = changed.contexts[0]
+    assert "checkpoint.bin" in changed.seen_in_out[0]
+    assert ctx.interrupted_fingerprint == expected_fingerprint(other, "train")[0] != ctx.fingerprint
+    assert ctx.previous == stage_dir(cfg.workdir, "train")  # the published run, to continue from
+
+
+def test_train_stage_discards_an_interrupted_run_with_other_settings(config_path, monkeypatch):
+    from regdpo.stages import train as train_stage
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(train_stage, "shard_urls", lambda *a: [])
+    monkeypatch.setattr(train_stage, "load_spec", lambda cfg: None)
+    monkeypatch.setattr(train_stage, "train", lambda cfg, spec, urls, out: seen.append(sorted(
+        p.name for p in out.iterdir())) or {"steps": 0})
+    cfg = _cfg(config_path)
+    _run_chain(cfg, ["ingest", "generate", "encode"])
+    _interrupted(cfg, "train")
+    run_stage(cfg, "train", train_stage.build)
+    assert "checkpoint.bin" in seen[-1]
+    other = _cfg(config_path, **{"train.learning_rate": 2e-4})
+    _interrupted(other, "train")
+    run_stage(_cfg(config_path, **{"train.learning_rate": 3e-4}), "train", train_stage.build)
+    assert len(seen) == 2 and "checkpoint.bin" not in seen[-1]
 
 
 def test_non_resumable_partial_is_discarded(config_path):

@@ -41,6 +41,10 @@ class StageContext:
     out: Path
     force: bool = False
     previous: Path | None = None
+    fingerprint: str = ""  # this run's stage fingerprint
+    # a resumable stage's kept partial folder: the fingerprint of the run that started it
+    # (None for a fresh folder); the stage decides what it can continue from.
+    interrupted_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,21 +139,19 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
 
     partial = workdir / f".{final.name}.partial"
     marker = partial / "partial.json"
-    # Resuming is exact (train/data.py, train/checkpoint.py), so an interrupted run with the same
-    # fingerprint is picked up even under force: the result is the same as starting over.
-    keep = (
-        stage.resumable
-        and marker.is_file()
-        and json.loads(marker.read_text()).get("fingerprint") == fingerprint
-    )
-    if partial.exists() and not keep:
+    # A resumable stage (train) gets an interrupted run's partial folder back whatever its
+    # settings were: the stage knows what it can continue from (regdpo/train checks its own
+    # checkpoints' lineage) and clears the rest. Other stages always start from an empty folder.
+    if partial.exists() and not stage.resumable:
         shutil.rmtree(partial)
+    interrupted = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
     partial.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps({"fingerprint": fingerprint}))
 
     start = time.perf_counter()
     previous = final if rec is not None else None
-    summary = build(StageContext(cfg, workdir, partial, force=force, previous=previous))
+    summary = build(StageContext(cfg, workdir, partial, force=force, previous=previous, fingerprint=fingerprint,
+                                 interrupted_fingerprint=interrupted))
     seconds = time.perf_counter() - start
 
     save_resolved(cfg, partial)

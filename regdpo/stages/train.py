@@ -6,10 +6,9 @@ An interrupted run resumes from its latest checkpoint when rerun with the same s
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
 from typing import Any
 
-from regdpo.config import Config
 from regdpo.stages.runner import StageContext
 from regdpo.data.shards import shard_urls
 from regdpo.stages.common import load_spec
@@ -17,6 +16,11 @@ from regdpo.train.loop import train
 
 
 def build(ctx: StageContext) -> dict[str, Any]:
+    if ctx.interrupted_fingerprint is not None and ctx.interrupted_fingerprint != ctx.fingerprint:
+        # an interrupted run with other settings or inputs: its checkpoints do not apply
+        for item in ctx.out.iterdir():
+            if item.name != "partial.json":
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
     urls = shard_urls(ctx.workdir / "shards", "train")
     spec = load_spec(ctx.cfg)
     return train(ctx.cfg, spec, urls, ctx.out)
