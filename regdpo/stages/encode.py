@@ -42,7 +42,7 @@ def encode_pair(spec, cfg: Config, workdir: Path, clip, negative) -> dict[str, t
     frames_l = _check_frames(read_frames(neg_path), neg_path, cfg)
     with torch.no_grad():
         latents = spec.encode_video(np.stack([frames_w, frames_l]))
-        first = frames_w[None, 0] if cfg.model.family.endswith("i2v") else None
+        first = frames_w[None, 0] if spec.needs_first_frame else None
         cond = spec.encode_condition([clip.caption], first_frames=first, num_frames=cfg.video.num_frames)
     dtype = DTYPES[cfg.encode.latent_dtype]
     tensors = {"latents_w": latents[0], "latents_l": latents[1]}

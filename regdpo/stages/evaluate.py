@@ -23,31 +23,31 @@ NUM_SAMPLE_VIDEOS = 2
 
 
 class BaseAndTuned:
-    """One spec that predicts as the base or the tuned model: `use("base" | "tuned")`.
+    """The base and the tuned denoiser over one spec: `use("base" | "tuned")` binds one.
 
-    LoRA runs toggle the adapters of train/final (no second copy); full fine-tuning swaps in the
-    transformer saved in train/final/transformer.
+    LoRA runs toggle the adapters of train/final on one denoiser (no second copy); full
+    fine-tuning loads the transformer saved in train/final/transformer beside the base one.
+    Only the denoiser is built here; samples load the VAE and text encoder when they need them.
     """
 
     def __init__(self, cfg: Config, workdir: Path):
         self.spec = load_spec(cfg)
         final = workdir / "train" / "final"
-        if cfg.train.finetune == "lora":
-            self.spec.add_lora(cfg.train.lora)
-            self.spec.load_lora(final)
-            self._models = None
+        base = self.spec.load_denoiser()
+        self._lora = cfg.train.finetune == "lora"
+        if self._lora:
+            self.spec.add_lora(base, cfg.train.lora)
+            self.spec.load_lora(base, final)
+            self._models = {"base": base.eval(), "tuned": base}
         else:
-            base = self.spec.transformer
             tuned = type(base).from_pretrained(final / "transformer", torch_dtype=self.spec.dtype).to(self.spec.device)
-            self._models = {"base": base.eval(), "tuned": tuned.eval()}
-        self.spec.transformer.eval()
+            self._models = {"base": base, "tuned": tuned.eval()}
 
     def use(self, which: str):
-        if self._models is None:
-            self.spec.set_adapters_enabled(which == "tuned")
-        else:
-            self.spec.transformer = self._models[which]
-        return self.spec
+        denoiser = self._models[which]
+        if self._lora:
+            self.spec.set_adapters_enabled(denoiser, which == "tuned")
+        return self.spec.bind(denoiser)
 
 
 def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path
@@ -62,7 +62,7 @@ def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[
     for pair in pairs[:NUM_SAMPLE_VIDEOS]:
         caption, cid = pair["meta"]["caption"], pair["key"]
         real = read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4")
-        first = real[None, 0] if cfg.model.family.endswith("i2v") else None
+        first = real[None, 0] if models.spec.needs_first_frame else None
         videos = {"real": real}
         for name in ("base", "tuned"):
             videos[name] = models.use(name).generate(

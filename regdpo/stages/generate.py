@@ -32,6 +32,7 @@ def build(ctx: StageContext) -> dict[str, Any]:
     cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
     clips = load_clips(workdir)
     spec = load_spec(cfg)
+    denoiser = spec.load_denoiser()
     gen, video = cfg.generate, cfg.video
     rows = []
     batches = [clips.iloc[i : i + gen.batch_size] for i in range(0, len(clips), gen.batch_size)]
@@ -39,10 +40,10 @@ def build(ctx: StageContext) -> dict[str, Any]:
         for batch in batches:
             seeds = [clip_seed(gen.seed, cid) for cid in batch.clip_id]
             first_frames = None
-            if cfg.model.family.endswith("i2v"):
+            if spec.needs_first_frame:
                 first_frames = np.stack([read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4")[0] for cid in batch.clip_id])
             videos = spec.generate(
-                list(batch.caption), seeds,
+                denoiser, list(batch.caption), seeds,
                 num_frames=video.num_frames, height=video.height, width=video.width,
                 num_inference_steps=gen.num_inference_steps, guidance_scale=gen.guidance_scale,
                 negative_prompt=gen.negative_prompt, first_frames=first_frames, flow_shift=gen.flow_shift,

@@ -2,7 +2,7 @@
 
 Run it through the pipeline (`regdpo run CONFIG --stage train`) or from Python:
 
-    spec = load_model(cfg.model)
+    spec = load_model(cfg.model)          # loads nothing; train builds the denoiser alone
     train(cfg, spec, shard_urls(workdir / "shards", "train"), out_dir)
 
 Writes out_dir/metrics.jsonl (one line per step with every METHOD.md diagnostic),
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from regdpo.config import Config
 from regdpo.data.shards import conditioning
-from regdpo.flow_matching import noisy_and_target, pair_noise, sample_timesteps
+from regdpo.flow_matching import pair_noise
 from regdpo.losses import PreferenceLossOutput, per_sample_error, preference_loss
 from regdpo.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from regdpo.train.data import pair_stream
@@ -40,11 +40,6 @@ def is_rank0() -> bool:
 def _check_supported(spec) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError("multi-process training (torchrun with WORLD_SIZE > 1) is not supported yet; run one process")
-    if spec.prediction_type != "flow":
-        # flow_matching.noisy_and_target supports epsilon/v, but the loop samples continuous t;
-        # DDPM-style specs also need integer timesteps and the scheduler's alphas_cumprod.
-        raise NotImplementedError(f"training a {spec.prediction_type!r}-prediction model is not supported yet "
-                                  "(flow-matching models such as Wan are)")
 
 
 @dataclass
@@ -65,10 +60,9 @@ def pair_inputs(spec, batch: dict[str, Any], cfg: Config, generator: torch.Gener
     latents_w = batch["latents_w"].to(device, torch.float32)
     latents_l = batch["latents_l"].to(device, torch.float32)
     noise = pair_noise(latents_w, generator)
-    t = sample_timesteps(latents_w.shape[0], sampling=tc.timesteps.sampling, logit_mean=tc.timesteps.logit_mean,
-                         logit_std=tc.timesteps.logit_std, shift=tc.timesteps.shift, generator=generator, device=device)
-    noisy_w, target_w = noisy_and_target(spec.prediction_type, latents_w, noise, t)
-    noisy_l, target_l = noisy_and_target(spec.prediction_type, latents_l, noise, t)
+    t = spec.sample_timesteps(latents_w.shape[0], tc.timesteps, generator).to(device)  # the family's schedule
+    noisy_w, target_w = spec.noisy_and_target(latents_w, noise, t)
+    noisy_l, target_l = spec.noisy_and_target(latents_l, noise, t)
     cond = {k: v.to(device) for k, v in conditioning(batch).items()}
     return PairInputs(noisy_w, noisy_l, target_w, target_l, t, cond)
 
@@ -83,7 +77,7 @@ def pair_loss(cfg: Config, err_w, err_l, ref_err_w, ref_err_l) -> PreferenceLoss
     return out
 
 
-def forward_backward(spec, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
+def forward_backward(spec, denoiser, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
     """Policy and reference errors of winner and loser, the loss, backward."""
     x = pair_inputs(spec, batch, cfg, generator)
     num_pairs = x.t.shape[0]
@@ -94,16 +88,17 @@ def forward_backward(spec, reference, batch: dict[str, Any], cfg: Config, genera
     cond2 = {k: torch.cat([v, v]) for k, v in x.cond.items()}
 
     ref_err = per_sample_error(reference.predict(spec, noisy, t2, cond2), target)
-    err = per_sample_error(spec.predict(noisy, t2, cond2), target)
+    err = per_sample_error(spec.predict(denoiser, noisy, t2, cond2), target)
     out = pair_loss(cfg, err[:num_pairs], err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:])
     out.loss.backward()
     return out.metrics
 
 
-def train_step(spec, reference, batch, cfg: Config, optimizer, scheduler, params, generator) -> dict[str, float]:
+def train_step(spec, denoiser, reference, batch, cfg: Config, optimizer, scheduler, params, generator
+               ) -> dict[str, float]:
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    metrics = forward_backward(spec, reference, batch, cfg, generator)
+    metrics = forward_backward(spec, denoiser, reference, batch, cfg, generator)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     if not torch.isfinite(grad_norm):
         raise FloatingPointError(f"non-finite gradient norm at loss {metrics['loss']}; lower train.learning_rate")
@@ -115,17 +110,17 @@ def train_step(spec, reference, batch, cfg: Config, optimizer, scheduler, params
     return metrics
 
 
-def _prepare(spec, cfg: Config):
+def _prepare(spec, denoiser, cfg: Config):
     tc = cfg.train
     if tc.finetune == "lora":
-        spec.transformer.requires_grad_(False)
-        spec.add_lora(tc.lora)
+        denoiser.requires_grad_(False)
+        spec.add_lora(denoiser, tc.lora)
     else:
-        spec.transformer.requires_grad_(True)
-    if tc.gradient_checkpointing and hasattr(spec.transformer, "enable_gradient_checkpointing"):
-        spec.transformer.enable_gradient_checkpointing()
-    spec.transformer.train()
-    named = {n: p for n, p in spec.transformer.named_parameters() if p.requires_grad}
+        denoiser.requires_grad_(True)
+    if tc.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    named = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
     if not named:
         raise RuntimeError("no trainable parameters: check train.finetune and train.lora.target_modules")
     if tc.finetune == "lora":
@@ -147,8 +142,9 @@ def train(cfg: Config, spec, urls: list[str], out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     ckpt_root = out_dir / "checkpoints"
     torch.manual_seed(tc.seed)
-    reference = make_reference(spec, tc.finetune)
-    named, optimizer, scheduler = _prepare(spec, cfg)
+    denoiser = spec.load_denoiser()
+    reference = make_reference(denoiser, tc.finetune)
+    named, optimizer, scheduler = _prepare(spec, denoiser, cfg)
     generator = torch.Generator().manual_seed(tc.seed)
     state = TrainState()
     latest = latest_checkpoint(ckpt_root)
@@ -163,7 +159,8 @@ def train(cfg: Config, spec, urls: list[str], out_dir: Path) -> dict[str, Any]:
                                              disable=not is_rank0()) as bar:
         while state.step < tc.max_steps:
             batch = next(stream)
-            last = train_step(spec, reference, batch, cfg, optimizer, scheduler, list(named.values()), generator)
+            last = train_step(spec, denoiser, reference, batch, cfg, optimizer, scheduler, list(named.values()),
+                              generator)
             if is_rank0():
                 log.write(json.dumps({"step": state.step, **last}) + "\n")
                 log.flush()
@@ -173,7 +170,7 @@ def train(cfg: Config, spec, urls: list[str], out_dir: Path) -> dict[str, Any]:
             if is_rank0() and (state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps):
                 save_checkpoint(ckpt_root, state, named, optimizer, scheduler, generator, tc.keep_checkpoints)
     if is_rank0():
-        _save_final(spec, cfg, out_dir / "final")
+        _save_final(spec, denoiser, cfg, out_dir / "final")
     return {"steps": state.step, "final_loss": last.get("loss", math.nan), "resumed_from": latest.name if latest else None}
 
 
@@ -185,9 +182,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in keep))
 
 
-def _save_final(spec, cfg: Config, final_dir: Path) -> None:
+def _save_final(spec, denoiser, cfg: Config, final_dir: Path) -> None:
     final_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.finetune == "lora":
-        spec.save_lora(final_dir)
+        spec.save_lora(denoiser, final_dir)
     else:
-        spec.transformer.save_pretrained(final_dir / "transformer", safe_serialization=True)
+        denoiser.save_pretrained(final_dir / "transformer", safe_serialization=True)
