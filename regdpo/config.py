@@ -99,12 +99,15 @@ class VideoSpec(_Strict):
 
 
 class IngestConfig(_Strict):
-    manifest: str
+    manifest: str = Field(description="a CSV, parquet or JSONL manifest (path, caption[, start_s, end_s]), "
+                                      "or a folder of videos with same-named .txt captions")
     min_side: int = Field(default=64, ge=1, description="reject inputs whose shorter side is below this")
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     min_heldout: int = Field(default=1, ge=0)
     max_clips_per_video: int = Field(default=1, ge=1)
     allow_gif: bool = True
+    num_workers: int = runtime(1, ge=1, description="decoding processes")
+    work_item_size: int = runtime(32, ge=1, description="manifest rows per work item")
 
 
 class GenerateConfig(_Strict):
@@ -112,12 +115,20 @@ class GenerateConfig(_Strict):
     guidance_scale: float = Field(default=5.0, ge=0)
     negative_prompt: str = ""
     flow_shift: float | None = Field(default=None, gt=0)
+    num_negatives: int = Field(default=1, ge=1, description="K negatives per clip -> K pairs")
     batch_size: int = runtime(1, ge=1, description="clips per denoiser call")
+    devices: list[str] | None = runtime(None, description="one process per device; default: every visible GPU, "
+                                                          "else model.device")
+    work_item_size: int = runtime(16, ge=1, description="clips per work item (a Prefect task, a device's turn)")
     seed: int = 0
 
 
 class EncodeConfig(_Strict):
     samples_per_shard: int = runtime(256, ge=1, description="pairs per new shard file")
+    batch_size: int = runtime(2, ge=1, description="videos per VAE call")
+    devices: list[str] | None = runtime(None, description="one process per device; default: every visible GPU, "
+                                                          "else model.device")
+    work_item_size: int = runtime(64, ge=1, description="pairs per work item")
     latent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

@@ -53,31 +53,21 @@ def config_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def fake_builders(monkeypatch) -> list[str]:
-    """Replace every stage's builder with a tiny fake (no torch); returns the list of calls, in order.
-
-    Each fake checks its inputs are published, writes `<stage>.txt`, and evaluate writes report.md.
-    """
+    """Replace every stage with a fake without torch (tests/fakes.py); returns the stages that
+    ran (published), in order. Unit stages are real unit stages over text lines; whole stages
+    check their inputs are published, write `<stage>.txt`, and evaluate writes report.md."""
     import regdpo.stages
-    from regdpo.stages.registry import STAGE, STAGES
-    from regdpo.stages.runner import stage_dir
+    from regdpo.stages.registry import get_stage
+    from tests.fakes import fake_impl
 
     calls: list[str] = []
+    impls: dict[str, object] = {}
 
-    def get_builder(name: str):
-        if name not in STAGES:
-            raise ValueError(f"unknown stage {name!r}")
+    def get_impl(name: str):
+        get_stage(name)
+        if name not in impls:
+            impls[name] = fake_impl(name, calls)
+        return impls[name]
 
-        def build(ctx) -> dict:
-            out = ctx.out
-            for up in STAGE[name].inputs:
-                assert (stage_dir(ctx.workdir, up) / "stage.json").is_file(), f"{name} ran before {up}"
-            calls.append(name)
-            (out / f"{name}.txt").write_text(name)
-            if name == "evaluate":
-                (out / "report.md").write_text("# report\n")
-            return {"num_items": 3}
-
-        return build
-
-    monkeypatch.setattr(regdpo.stages, "get_builder", get_builder)
+    monkeypatch.setattr(regdpo.stages, "get_impl", get_impl)
     return calls

@@ -9,8 +9,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from regdpo.stages.runner import StageContext
-
 from regdpo.config import config_from_dict
 from regdpo.data.video import read_frames
 from regdpo.stages.ingest import (
@@ -18,7 +16,6 @@ from regdpo.stages.ingest import (
     ManifestError,
     NoClipsError,
     assign_splits,
-    build,
     make_clip_id,
 )
 from regdpo.stages.runner import run_stage
@@ -52,11 +49,14 @@ def make_cfg(tmp_path: Path, manifest: Path, video: dict | None = None, **ingest
     )
 
 
+COUNTERS = {"units_done", "units_reused", "units_failed"}
+
+
 def run_build(cfg, tmp_path: Path, name: str = "out"):
-    out = tmp_path / name
-    out.mkdir()
-    summary = build(StageContext(cfg, Path(cfg.workdir), out))
-    return summary, out
+    """Run the ingest stage in workdir tmp_path/name; (summary without unit counters, ingest/ folder)."""
+    cfg = cfg.model_copy(update={"workdir": str(tmp_path / name)})
+    result = run_stage(cfg, "ingest")
+    return {k: v for k, v in result.summary.items() if k not in COUNTERS}, result.path
 
 
 def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv") -> Path:
@@ -67,7 +67,8 @@ def write_manifest(folder: Path, rows: list[dict], name: str = "manifest.csv") -
 
 
 def rejects_of(out: Path) -> dict[str, str]:
-    return dict(pd.read_parquet(out / "rejects.parquet").itertuples(index=False, name=None))
+    table = pd.read_parquet(out / "rejects.parquet")
+    return dict(zip(table["path"], table["reason"]))
 
 
 @pytest.fixture(scope="module")
@@ -130,20 +131,20 @@ def test_manifest_errors_name_the_file_row_and_field(tmp_path):
     folder = tmp_path / "videos"
     no_caption = write_manifest(folder, [{"path": "a.mp4"}], "no_caption.csv")
     with pytest.raises(ManifestError, match=r"no_caption\.csv: missing required column 'caption'"):
-        build(StageContext(make_cfg(tmp_path, no_caption), tmp_path, tmp_path))
+        run_stage(make_cfg(tmp_path, no_caption), "ingest")
     rows = [{"path": "a.mp4", "caption": "ok"}, {"path": "b.mp4", "caption": " "}]
     empty = write_manifest(folder, rows, "empty.csv")
     with pytest.raises(ManifestError, match=r"empty\.csv: row 2 \(line 3\), field 'caption'"):
-        build(StageContext(make_cfg(tmp_path, empty), tmp_path, tmp_path))
+        run_stage(make_cfg(tmp_path, empty), "ingest")
     bad_time = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "start_s": "soon"}], "bad_time.csv")
     with pytest.raises(ManifestError, match=r"row 1 .*field 'start_s'.*not a number"):
-        build(StageContext(make_cfg(tmp_path, bad_time), tmp_path, tmp_path))
+        run_stage(make_cfg(tmp_path, bad_time), "ingest")
     backwards = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "start_s": 5, "end_s": 2}], "back.csv")
     with pytest.raises(ManifestError, match=r"field 'end_s'.*after start_s"):
-        build(StageContext(make_cfg(tmp_path, backwards), tmp_path, tmp_path))
+        run_stage(make_cfg(tmp_path, backwards), "ingest")
     typo = write_manifest(folder, [{"path": "a.mp4", "caption": "ok", "end_sec": 2}], "typo.csv")
     with pytest.raises(ManifestError, match=r"unknown column\(s\) 'end_sec'"):
-        build(StageContext(make_cfg(tmp_path, typo), tmp_path, tmp_path))
+        run_stage(make_cfg(tmp_path, typo), "ingest")
 
 
 def test_parquet_manifest_and_windows(tmp_path):
@@ -186,7 +187,8 @@ def test_clip_table_contract(sample_run):
         "height", "width", "rotation", "caption", "split",
     )
     rejects = pq.read_schema(out / "rejects.parquet")
-    assert rejects.names == ["path", "reason"] and all(str(t) == "string" for t in rejects.types)
+    assert rejects.names == ["row", "path", "reason"]
+    assert [str(t) for t in rejects.types] == ["int64", "string", "string"]
     assert summary["num_clips"] == len(clips) == 10 and summary["num_rejects"] == 0
     assert sorted(p.stem for p in (out / "clips").iterdir()) == sorted(clips["clip_id"])
     assert clips["clip_id"].is_unique and clips["clip_id"].str.fullmatch(r"[0-9a-f]{16}").all()
@@ -239,8 +241,8 @@ def test_runs_under_the_stage_runner(tmp_path):
     folder.mkdir()
     shutil.copy(BAD / "alpha_vp9.webm", folder / "a.webm")
     cfg = make_cfg(tmp_path, write_manifest(folder, [{"path": "a.webm", "caption": "a red ball"}]))
-    result = run_stage(cfg, "ingest", build)
+    result = run_stage(cfg, "ingest")
     published = Path(cfg.workdir) / "ingest"
     assert result.path == published and result.summary["num_clips"] == 1
     assert {"clips.parquet", "rejects.parquet", "clips", "stage.json"} <= {p.name for p in published.iterdir()}
-    assert run_stage(cfg, "ingest", build).skipped
+    assert run_stage(cfg, "ingest").skipped

@@ -1,39 +1,85 @@
-"""The pipeline stages as plain functions: `run(cfg, "train")` from a notebook, torchrun or a flow.
+"""The pipeline stages as plain functions, usable from a notebook, torchrun or a flow.
 
-Stages are declared once in `registry.py`; each lives in `regdpo/stages/<name>.py` and exposes
-`build(ctx: StageContext) -> dict` (the contract in `runner.py`). Builders are imported on first use, so importing this package
-(e.g. for `regdpo status`) does not import torch.
+    run(cfg, "generate")                       # plan, do pending units on local devices, publish
+    plan = plan(cfg, "generate")               # unit stages: what a run would do, in work items
+    run_work_item(cfg, plan.work_items[0])     # any process/machine that sees the workdir
+    with workdir_lock(cfg.workdir): publish(cfg, plan)
+
+Stages are declared once in `registry.py`. A unit stage's module (ingest, generate, encode)
+exposes `UNITS` (a units.UnitStage); a whole stage's (train, evaluate) exposes
+`build(ctx: StageContext) -> dict`. Modules are imported on first use, so importing this
+package (e.g. for `regdpo status`) does not import torch.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from regdpo.config import Config
+from regdpo.stages.lock import WorkdirLocked, workdir_lock
 from regdpo.stages.registry import STAGE, STAGES, Stage, get_stage
 from regdpo.stages.runner import (
-    BuildFn,
+    StageContext,
     StageInputError,
     StageResult,
     missing_input,
+    plan_stage,
+    publish_stage,
     read_stage_record,
     run_stage,
+    stage_state,
 )
+from regdpo.stages.units import StagePlan, WorkItem
 
-__all__ = ["STAGE", "STAGES", "Stage", "StageInputError", "StageResult", "check_inputs", "get_builder", "get_stage",
-           "order", "run"]
+__all__ = ["STAGE", "STAGES", "DevicePool", "Stage", "StageContext", "StageInputError", "StagePlan", "StageResult",
+           "WorkItem", "WorkdirLocked", "check_inputs", "get_impl", "get_stage", "order", "plan", "publish", "run",
+           "run_work_item", "stage_state", "workdir_lock"]
 
 
-def get_builder(name: str) -> BuildFn:
-    """The `build` function of stage `name`, importing its module now."""
-    get_stage(name)
-    return importlib.import_module(f"regdpo.stages.{name}").build
+def get_impl(name: str) -> Any:
+    """Stage `name`'s implementation: `UNITS` of a unit stage, `build` of a whole stage."""
+    stage = get_stage(name)
+    module = importlib.import_module(f"regdpo.stages.{name}")
+    return module.UNITS if stage.units and hasattr(module, "UNITS") else module.build
 
 
 def run(cfg: Config, name: str, *, force: bool = False) -> StageResult:
     """Run one stage unless it is current (see `runner.run_stage`)."""
-    return run_stage(cfg, name, get_builder(name), force=force)
+    return run_stage(cfg, name, force=force)
+
+
+def plan(cfg: Config, name: str, *, force: bool = False) -> StagePlan:
+    """A unit stage's plan: `.skipped`, `.work_items` (JSON-able via to_dict), `.counts`."""
+    return plan_stage(cfg, name, force=force)
+
+
+def run_work_item(cfg: Config, item: WorkItem | dict, device: str | None = None) -> dict[str, int]:
+    """Do one work item in this process (opening the stage's worker for `device`); idempotent:
+    units already finished are skipped. Needs no lock: it writes only into the staging area."""
+    from regdpo.stages.units import process_item
+
+    item = WorkItem.from_dict(item) if isinstance(item, dict) else item
+    worker = get_impl(item.stage).open_worker(cfg, Path(cfg.workdir), device)
+    try:
+        return process_item(worker, item, Path(cfg.workdir))
+    finally:
+        worker.close()
+
+
+def publish(cfg: Config, plan: StagePlan, *, seconds: float = 0.0) -> StageResult:
+    """Publish a unit stage after its work items ran (hold `workdir_lock(cfg.workdir)`)."""
+    return publish_stage(cfg, plan, seconds=seconds)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DevicePool":  # imports multiprocessing machinery only when asked for
+        from regdpo.stages.parallel import DevicePool
+
+        return DevicePool
+    raise AttributeError(name)
 
 
 def order(names: Iterable[str] | None) -> list[str]:
@@ -50,13 +96,25 @@ def order(names: Iterable[str] | None) -> list[str]:
 
 
 def check_inputs(cfg: Config, names: Iterable[str]) -> None:
-    """Fail before anything runs if a requested stage reads a stage that is neither on disk nor requested.
+    """Fail before anything runs if a requested stage cannot start.
 
-    The runner checks the same thing per stage; checking up front means `--stage generate` on an
-    empty workdir fails in milliseconds, not after earlier requested stages have spent hours.
+    - a requested stage reads a stage that is neither on disk nor requested ("run X first");
+    - ingest is requested and its manifest (file or folder) does not exist;
+    - a requested stage uses the model and `model.path` is not a model directory.
+    Checking up front means `--stage generate` on an empty workdir, or a typo in the model
+    path, fails in milliseconds, not after earlier requested stages have spent hours.
     """
-    requested = set(names)
-    for name in order(requested):
+    requested = order(set(names))
+    if "ingest" in requested and not Path(cfg.ingest.manifest).exists():
+        raise StageInputError(f"ingest.manifest {cfg.ingest.manifest} does not exist: set it to a manifest "
+                              "(CSV, parquet, JSONL) or a folder of videos with same-named .txt captions")
+    if cfg.model.path is not None and any(STAGE[n].reads_model for n in requested):
+        root = Path(cfg.model.path)
+        if not root.is_dir() or not (root / "model_index.json").is_file():
+            what = "does not exist" if not root.exists() else "is not a diffusers model directory (no model_index.json)"
+            raise StageInputError(f"model.path {root} {what}: point it at a local diffusers model directory "
+                                  "(nothing is downloaded)")
+    for name in requested:
         for up in STAGE[name].inputs:
             if up not in requested and read_stage_record(cfg.workdir, up) is None:
                 raise missing_input(name, up, cfg.workdir)

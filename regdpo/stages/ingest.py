@@ -1,35 +1,38 @@
 """Ingest stage: a manifest of videos + captions -> normalised clips, a clip table and a reject list.
 
-Writes into the stage's output folder (published as `<workdir>/ingest/`, see docs/DESIGN.md):
+Publishes `<workdir>/ingest/` (see docs/DESIGN.md):
 
     clips/<clip_id>.mp4   each clip at the training spec (cfg.video: fps, frames, size), upright
     clips.parquet         one row per clip: CLIP_COLUMNS
-    rejects.parquet       one row per rejected input: path, reason (plain words); always written
+    rejects.parquet       one row per rejected input: row (manifest row number), path, reason
+    units.parquet         the published units (units.py)
 
-Manifest problems (missing column, empty caption, unreadable number) stop the run with an error
-naming the file, row and field: they are the user's to fix. Problems with one video (broken,
-too short, too small, outside the manifest folder) become reject rows and the run goes on.
+One unit per manifest row, keyed by the source file's content hash, the row's window and
+caption, the clip spec and the ingest settings that shape clips: a nightly manifest that gained
+rows decodes only the new ones, and a replaced source file (new content) is redone.
+Problems with the manifest itself stop the run with an error naming the file, row and field
+(regdpo/data/manifest.py); problems with one video become reject rows and the run goes on.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
+import stat
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from regdpo.config import Config
-from regdpo.stages.runner import StageContext
+from regdpo.config import Config, fingerprint_payload
+from regdpo.data.manifest import ManifestError, ManifestRow, read_manifest
 from regdpo.data.video import VideoError, count_decodable_duration, probe, read_clip, write_mp4
+from regdpo.stages.journal import Transaction, atomic_write_json
+from regdpo.stages.units import StagePlan, Unit, UnitStage, UnitWorker, content_key, stage_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,85 +45,15 @@ CLIP_SCHEMA = pa.schema(
     ]
 )
 CLIP_COLUMNS = tuple(CLIP_SCHEMA.names)
-REJECT_SCHEMA = pa.schema([("path", pa.string()), ("reason", pa.string())])
-MANIFEST_COLUMNS = ("path", "caption", "start_s", "end_s")
+REJECT_SCHEMA = pa.schema([("row", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 _TOLERANCE_S = 0.05  # header durations are often a few ms off
 
-
-class ManifestError(ValueError):
-    """The manifest itself is wrong; the message names the file, the row and the field."""
+__all__ = ["CLIP_COLUMNS", "ManifestError", "NoClipsError", "UNITS", "assign_splits", "make_clip_id", "read_manifest",
+           "resolve_source"]
 
 
 class NoClipsError(ValueError):
     """Every input was rejected; the message lists the reasons."""
-
-
-@dataclass(frozen=True)
-class ManifestRow:
-    number: int  # 1-based data row
-    path: str  # as written in the manifest
-    caption: str
-    start_s: float | None
-    end_s: float | None
-
-
-def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
-    """Parse and check a CSV or parquet manifest (columns path, caption, optional start_s, end_s)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found; set ingest.manifest to a CSV or parquet file")
-    if path.suffix.lower() == ".csv":
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    elif path.suffix.lower() in (".parquet", ".pq"):
-        df = pd.read_parquet(path)
-    else:
-        raise ManifestError(f"{path}: unsupported manifest type {path.suffix!r}; use .csv or .parquet")
-    df.columns = [str(c).strip() for c in df.columns]
-    for col in ("path", "caption"):
-        if col not in df.columns:
-            raise ManifestError(f"{path}: missing required column '{col}'; columns are: {', '.join(df.columns)}")
-    unknown = [c for c in df.columns if c not in MANIFEST_COLUMNS]
-    if unknown:
-        raise ManifestError(
-            f"{path}: unknown column(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(MANIFEST_COLUMNS)}"
-        )
-    if df.empty:
-        raise ManifestError(f"{path}: the manifest has no rows; add one row per video")
-    return [_parse_row(path, i + 1, rec) for i, rec in enumerate(df.to_dict("records"))]
-
-
-def _parse_row(manifest: Path, number: int, rec: dict[str, Any]) -> ManifestRow:
-    where = f"{manifest}: row {number}" + (f" (line {number + 1})" if manifest.suffix.lower() == ".csv" else "")
-    path, caption = (_text(where, f, rec.get(f)) for f in ("path", "caption"))
-    start, end = (_seconds(where, f, rec.get(f)) for f in ("start_s", "end_s"))
-    if start is not None and end is not None and end <= start:
-        raise ManifestError(f"{where}, field 'end_s': end_s ({end:g}) must be after start_s ({start:g})")
-    return ManifestRow(number, path, caption, start, end)
-
-
-def _text(where: str, field: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
-        raise ManifestError(f"{where}, field '{field}': empty or missing; every row needs a {field}")
-    if not isinstance(value, str):
-        raise ManifestError(f"{where}, field '{field}': {value!r} is not text")
-    return value.strip()
-
-
-def _seconds(where: str, field: str, value: Any) -> float | None:
-    """An optional time in seconds; empty/NaN means "not given"."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        raise ManifestError(
-            f"{where}, field '{field}': {value!r} is not a number of seconds; use e.g. 2.5 or leave it empty"
-        ) from None
-    if math.isnan(seconds):
-        return None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ManifestError(f"{where}, field '{field}': {value!r} must be a finite number of seconds >= 0")
-    return seconds
 
 
 def resolve_source(manifest: Path, raw: str) -> Path:
@@ -129,7 +62,7 @@ def resolve_source(manifest: Path, raw: str) -> Path:
     The check is lexical (after normalising `..`), so a symlink placed inside the folder on purpose
     is followed, but `../x` or an absolute path elsewhere is refused.
     """
-    root = os.path.abspath(manifest.parent)
+    root = os.path.abspath(manifest if manifest.is_dir() else manifest.parent)
     full = os.path.abspath(os.path.join(root, raw))  # an absolute `raw` replaces root here
     if os.path.commonpath([root, full]) != root:
         raise VideoError(raw, "path outside the manifest folder")
@@ -144,6 +77,34 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class HashCache:
+    """sha256 of source files, remembered by (size, mtime, inode) so a nightly plan re-reads
+    only new or changed files. `<workdir>/.cache/sha256.json`."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".cache" / "sha256.json"
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, path: Path, st: os.stat_result) -> str:
+        sig = [st.st_size, st.st_mtime_ns, st.st_ino]
+        real = os.path.realpath(path)
+        hit = self.entries.get(real)
+        if hit is not None and hit[:3] == sig:
+            return hit[3]
+        digest = file_sha256(path)
+        self.entries[real] = [*sig, digest]
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_json(self.path, self.entries)
+
+
 def make_clip_id(
     sha256: str, start_s: float, end_s: float, fps: float, num_frames: int, height: int, width: int
 ) -> str:
@@ -156,122 +117,213 @@ def _split_score(clip_id: str) -> float:
     return int(hashlib.sha256(f"split:{clip_id}".encode()).hexdigest()[:12], 16) / float(1 << 48)
 
 
-def assign_splits(clip_ids: list[str], heldout_fraction: float, min_heldout: int) -> list[str]:
-    """'train' or 'heldout' per clip, from a hash of its clip_id (so a clip keeps its split).
+def assign_splits(clip_ids: list[str], heldout_fraction: float, min_heldout: int,
+                  fixed: dict[str, str] | None = None) -> list[str]:
+    """'train' or 'heldout' per clip, from a hash of its clip_id.
 
-    A clip is held out when its hash score is below `heldout_fraction`. With >= 2 clips, the
-    lowest-scoring train clips are moved to heldout until `min_heldout` is reached, and at least
-    one clip always stays in train.
+    A clip in `fixed` (the published table) keeps its split, so a nightly run never moves a clip
+    between splits. A new clip is held out when its hash score is below `heldout_fraction`; then
+    the lowest-scoring new train clips move to heldout until `min_heldout` is reached, and at
+    least one clip always stays in train (when there are >= 2 clips).
     """
-    scores = [_split_score(c) for c in clip_ids]
-    heldout = {i for i, s in enumerate(scores) if s < heldout_fraction}
-    order = sorted(range(len(clip_ids)), key=lambda i: scores[i])
-    if len(clip_ids) >= 2:
-        for i in order:
-            if len(heldout) >= min(min_heldout, len(clip_ids) - 1):
-                break
-            heldout.add(i)
-    if heldout and len(heldout) == len(clip_ids):
-        heldout.discard(order[-1])
-    return ["heldout" if i in heldout else "train" for i in range(len(clip_ids))]
+    fixed = fixed or {}
+    splits = {c: fixed[c] for c in clip_ids if c in fixed}
+    new = [c for c in clip_ids if c not in splits]
+    scores = {c: _split_score(c) for c in new}
+    for c in new:
+        splits[c] = "heldout" if scores[c] < heldout_fraction else "train"
+    wanted = min(min_heldout, len(clip_ids) - 1) if len(clip_ids) >= 2 else 0
+    for c in sorted(new, key=scores.__getitem__):
+        if sum(s == "heldout" for s in splits.values()) >= wanted:
+            break
+        splits[c] = "heldout"
+    if new and all(s == "heldout" for s in splits.values()):
+        splits[max(new, key=scores.__getitem__)] = "train"
+    return [splits[c] for c in clip_ids]
 
 
-class _Ingester:
-    """Turns manifest rows into clips, collecting clip rows and reject rows."""
-
-    def __init__(self, cfg: Config, manifest: Path, out: Path):
-        self.cfg, self.manifest, self.out = cfg, manifest, out
+class IngestWorker(UnitWorker):
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
         v = cfg.video
         self.clip_s = v.num_frames / v.fps
-        self.clips: list[dict[str, Any]] = []
-        self.rejects: list[dict[str, str]] = []
-        self._hashes: dict[Path, str] = {}
-        self._seen: dict[str, int] = {}  # clip_id -> manifest row that produced it
 
-    def reject(self, path: str, reason: str) -> None:
-        self.rejects.append({"path": path, "reason": reason})
+    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
+        s = unit.spec
+        clips: list[dict[str, Any]] = []
+        rejects: list[dict[str, str]] = []
+        files: dict[str, str] = {}
+        try:
+            self._video(s, out, clips, rejects, files)
+        except VideoError as err:
+            clips, files, rejects = [], {}, [{"path": s["path"], "reason": err.reason}]
+        except OSError as err:
+            clips, files, rejects = [], {}, [{"path": s["path"], "reason": f"unreadable: {err.strerror or err}"}]
+        return {"clips": clips, "rejects": rejects, "files": files}
 
-    def row(self, row: ManifestRow) -> None:
-        """Ingest one manifest row; raises VideoError for a problem with the whole video."""
-        src = resolve_source(self.manifest, row.path)
+    def _video(self, s: dict[str, Any], out: Path, clips: list, rejects: list, files: dict) -> None:
+        cfg, v = self.cfg, self.cfg.video
+        src = Path(s["src"])
         info = probe(src)  # "file not found", "empty file", "no video stream", "undecodable: ..."
-        if info.codec == "gif" and not self.cfg.ingest.allow_gif:
-            raise VideoError(row.path, "GIF input disabled (set ingest.allow_gif: true to use it)")
+        if info.codec == "gif" and not cfg.ingest.allow_gif:
+            raise VideoError(s["path"], "GIF input disabled (set ingest.allow_gif: true to use it)")
         duration = info.duration_s if info.duration_s is not None else count_decodable_duration(src)
-        start = row.start_s or 0.0
+        start = s["start_s"] or 0.0
         # a reject, not a silent clamp: a window past the end usually means the wrong file or times
-        if row.end_s is not None and row.end_s > duration + _TOLERANCE_S:
-            raise VideoError(row.path, f"end_s {row.end_s:g} is past the end of the video ({duration:.2f} s)")
-        end = min(row.end_s if row.end_s is not None else duration, duration)
-        count = min(self.cfg.ingest.max_clips_per_video, int((end - start + _TOLERANCE_S) // self.clip_s))
+        if s["end_s"] is not None and s["end_s"] > duration + _TOLERANCE_S:
+            raise VideoError(s["path"], f"end_s {s['end_s']:g} is past the end of the video ({duration:.2f} s)")
+        end = min(s["end_s"] if s["end_s"] is not None else duration, duration)
+        count = min(cfg.ingest.max_clips_per_video, int((end - start + _TOLERANCE_S) // self.clip_s))
         if count < 1:
-            raise VideoError(row.path, f"too short (needs {self.clip_s:.2f} s, has {max(0.0, end - start):.2f} s)")
-        if min(info.width, info.height) < self.cfg.ingest.min_side:
-            size, limit = f"{info.width}x{info.height}", self.cfg.ingest.min_side
-            raise VideoError(row.path, f"resolution below minimum ({size}; ingest.min_side is {limit})")
-        if src not in self._hashes:
-            self._hashes[src] = file_sha256(src)
+            raise VideoError(s["path"], f"too short (needs {self.clip_s:.2f} s, has {max(0.0, end - start):.2f} s)")
+        if min(info.width, info.height) < cfg.ingest.min_side:
+            size, limit = f"{info.width}x{info.height}", cfg.ingest.min_side
+            raise VideoError(s["path"], f"resolution below minimum ({size}; ingest.min_side is {limit})")
+        spec = {"fps": v.fps, "num_frames": v.num_frames, "height": v.height, "width": v.width}
         for k in range(count):
+            clip_start = start + k * self.clip_s
             try:
-                self._clip(row, src, info.rotation, start + k * self.clip_s)
+                frames = read_clip(src, start_s=clip_start, **spec)
             except VideoError as err:
                 if k == 0:
                     raise
-                self.reject(row.path, f"clip {k + 1} at {start + k * self.clip_s:.2f} s: {err.reason}")
-
-    def _clip(self, row: ManifestRow, src: Path, rotation: int, clip_start: float) -> None:
-        v = self.cfg.video
-        clip_end = clip_start + self.clip_s
-        sha = self._hashes[src]
-        clip_id = make_clip_id(sha, clip_start, clip_end, v.fps, v.num_frames, v.height, v.width)
-        if clip_id in self._seen:
-            raise VideoError(row.path, f"duplicate of row {self._seen[clip_id]} (same file content and window)")
-        spec = {"fps": v.fps, "num_frames": v.num_frames, "height": v.height, "width": v.width}
-        frames = read_clip(src, start_s=clip_start, **spec)
-        write_mp4(self.out / "clips" / f"{clip_id}.mp4", frames, v.fps)
-        self._seen[clip_id] = row.number
-        self.clips.append(
-            {
-                "clip_id": clip_id, "source": row.path, "sha256": sha, "start_s": clip_start, "end_s": clip_end,
-                "fps": float(v.fps), "num_frames": v.num_frames, "height": v.height, "width": v.width,
-                "rotation": rotation, "caption": row.caption, "split": "",
-            }
-        )
+                rejects.append({"path": s["path"], "reason": f"clip {k + 1} at {clip_start:.2f} s: {err.reason}"})
+                continue
+            clip_id = make_clip_id(s["sha256"], clip_start, clip_start + self.clip_s, v.fps, v.num_frames,
+                                   v.height, v.width)
+            write_mp4(out / f"{clip_id}.mp4", frames, v.fps)
+            files[f"clips/{clip_id}.mp4"] = f"{clip_id}.mp4"
+            clips.append({
+                "clip_id": clip_id, "source": s["path"], "sha256": s["sha256"], "start_s": clip_start,
+                "end_s": clip_start + self.clip_s, "fps": float(v.fps), "num_frames": v.num_frames,
+                "height": v.height, "width": v.width, "rotation": info.rotation, "caption": s["caption"],
+            })
 
 
-def build(ctx: StageContext) -> dict[str, int]:
-    """Ingest stage entry point (see regdpo.stages.runner): writes clips/, clips.parquet, rejects.parquet into `ctx.out`.
+def _table_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+    return buf.getvalue()
 
-    Returns counts: num_clips, num_rejects, num_train, num_heldout.
-    """
-    cfg, out = ctx.cfg, ctx.out
-    manifest = Path(cfg.ingest.manifest)
-    rows = read_manifest(manifest)
-    (out / "clips").mkdir(parents=True, exist_ok=True)
-    ing = _Ingester(cfg, manifest, out)
-    for row in tqdm(rows, desc="ingest", unit="video"):
+
+class IngestUnits(UnitStage):
+    name = "ingest"
+
+    def work_item_size(self, cfg: Config) -> int:
+        return cfg.ingest.work_item_size
+
+    def devices(self, cfg: Config) -> list[str | None]:
+        return [None] * cfg.ingest.num_workers
+
+    def open_worker(self, cfg: Config, workdir: Path, device: str | None) -> UnitWorker:
+        return IngestWorker(cfg)
+
+    def plan_units(self, cfg: Config, workdir: Path) -> tuple[list[Unit], dict[str, Any]]:
+        manifest = Path(cfg.ingest.manifest)
+        rows = read_manifest(manifest)
+        shaping = {"video": fingerprint_payload(cfg.video), "min_side": cfg.ingest.min_side,
+                   "max_clips_per_video": cfg.ingest.max_clips_per_video, "allow_gif": cfg.ingest.allow_gif}
+        hashes = HashCache(workdir)
+        units, rejects = [], []
+        for row in rows:
+            try:
+                src, sha = self._source(manifest, row, hashes)
+            except VideoError as err:
+                rejects.append({"row": row.number, "path": row.path, "reason": err.reason})
+                continue
+            window = [row.start_s, row.end_s]
+            unit_id = row.path + ("" if window == [None, None] else f"@{row.start_s}-{row.end_s}")
+            key = content_key("ingest", sha, window, row.caption, shaping)
+            spec = {"row": row.number, "path": row.path, "src": str(src), "sha256": sha, "caption": row.caption,
+                    "start_s": row.start_s, "end_s": row.end_s}
+            units.append(Unit(unit_id, key, spec))
+        hashes.save()
+        return units, {"rejects": rejects}
+
+    @staticmethod
+    def _source(manifest: Path, row: ManifestRow, hashes: HashCache) -> tuple[Path, str]:
+        if row.problem:
+            raise VideoError(row.path, row.problem)
+        src = resolve_source(manifest, row.path)
         try:
-            ing.row(row)
-        except VideoError as err:
-            ing.reject(row.path, err.reason)
+            st = src.stat()
+        except FileNotFoundError:
+            raise VideoError(row.path, "file not found") from None
         except OSError as err:
-            ing.reject(row.path, f"unreadable: {err.strerror or err}")
-        except Exception as err:  # one odd file must not stop the run; the reason says what happened
-            log.exception("ingest: unexpected error on %s (manifest row %d)", row.path, row.number)
-            ing.reject(row.path, f"unexpected error: {type(err).__name__}: {err}")
+            raise VideoError(row.path, f"unreadable: {err.strerror or err}") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise VideoError(row.path, "a directory, not a video file")
+        if not stat.S_ISREG(st.st_mode):
+            raise VideoError(row.path, "not a regular file (a device, pipe or socket), not a video file")
+        if st.st_size == 0:
+            raise VideoError(row.path, "empty file")
+        try:
+            return src, hashes.sha256(src, st)
+        except OSError as err:
+            raise VideoError(row.path, f"unreadable: {err.strerror or err}") from None
 
-    pq.write_table(pa.Table.from_pylist(ing.rejects, schema=REJECT_SCHEMA), out / "rejects.parquet")
-    if not ing.clips:
-        reasons = "\n".join(f"  {r['path']}: {r['reason']}" for r in ing.rejects)
-        raise NoClipsError(f"{manifest}: no clip was accepted; fix or replace these inputs:\n{reasons}")
-    splits = assign_splits([c["clip_id"] for c in ing.clips], cfg.ingest.heldout_fraction, cfg.ingest.min_heldout)
-    for clip, split in zip(ing.clips, splits):
-        clip["split"] = split
-    pq.write_table(pa.Table.from_pylist(ing.clips, schema=CLIP_SCHEMA), out / "clips.parquet")
-    num_heldout = splits.count("heldout")
-    return {
-        "num_clips": len(ing.clips),
-        "num_rejects": len(ing.rejects),
-        "num_train": len(ing.clips) - num_heldout,
-        "num_heldout": num_heldout,
-    }
+    def assemble(self, cfg: Config, workdir: Path, plan: StagePlan, results: dict[str, dict[str, Any]],
+                 new_keys: set[str], old: dict[str, dict[str, Any]], txn: Transaction) -> tuple[set[str], dict[str, Any]]:
+        from regdpo.stages.units import Staging
+
+        folder = stage_folder(workdir, self.name)
+        staging = Staging(workdir, self.name)
+        rejects = list(plan.extra.get("rejects", []))
+        clips: list[dict[str, Any]] = []
+        owner: dict[str, int] = {}  # clip_id -> manifest row that produced it
+        first_row: dict[str, int] = {}  # unit key -> its first manifest row
+        kept: set[str] = set()
+        for unit in plan.units:
+            row = unit.spec["row"]
+            if unit.key in first_row:
+                rejects.append({"row": row, "path": unit.spec["path"],
+                                "reason": f"duplicate of row {first_row[unit.key]} (same file, window and caption)"})
+                continue
+            first_row[unit.key] = row
+            result = results.get(unit.key)
+            if result is None:
+                continue  # failed: retried by the next run, listed in stage.json
+            whole = True
+            for clip in result["clips"]:
+                cid = clip["clip_id"]
+                if cid in owner:
+                    rejects.append({"row": row, "path": unit.spec["path"],
+                                    "reason": f"duplicate of row {owner[cid]} (same file content and window)"})
+                    whole = False
+                    continue
+                owner[cid] = row
+                clips.append({**clip, "source": unit.spec["path"]})
+                if unit.key in new_keys:
+                    txn.move(staging.unit_dir(unit.key) / result["files"][f"clips/{cid}.mp4"], folder / "clips" / f"{cid}.mp4")
+            rejects.extend({"row": row, **r} for r in result["rejects"])
+            if whole:
+                kept.add(unit.key)
+        rejects.sort(key=lambda r: r["row"])
+        if not clips:
+            reasons = "\n".join(f"  row {r['row']} {r['path']}: {r['reason']}" for r in rejects)
+            raise NoClipsError(f"{cfg.ingest.manifest}: no clip was accepted; fix or replace these inputs:\n{reasons}")
+
+        published = _published_clips(folder)
+        fixed = {c: s for c, s in published.items() if c in owner}
+        splits = assign_splits([c["clip_id"] for c in clips], cfg.ingest.heldout_fraction, cfg.ingest.min_heldout,
+                               fixed)
+        for clip, split in zip(clips, splits):
+            clip["split"] = split
+        for cid in set(published) - set(owner):
+            txn.delete(folder / "clips" / f"{cid}.mp4")
+        txn.write_bytes(folder / "clips.parquet", _table_bytes(clips, CLIP_SCHEMA))
+        txn.write_bytes(folder / "rejects.parquet", _table_bytes(rejects, REJECT_SCHEMA))
+        num_heldout = splits.count("heldout")
+        return kept, {"num_clips": len(clips), "num_rejects": len(rejects), "num_train": len(clips) - num_heldout,
+                      "num_heldout": num_heldout}
+
+
+def _published_clips(folder: Path) -> dict[str, str]:
+    path = folder / "clips.parquet"
+    if not path.is_file():
+        return {}
+    table = pq.read_table(path, columns=["clip_id", "split"]).to_pydict()
+    return dict(zip(table["clip_id"], table["split"]))
+
+
+UNITS = IngestUnits()

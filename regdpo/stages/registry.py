@@ -7,7 +7,7 @@ Two kinds of stage:
 - **unit stages** (ingest, generate, encode) work per clip: each unit (one manifest row's
   clip(s), one clip's negative(s), one pair) is keyed by its content, a unit done with the
   same key is never redone, and the stage's folder is updated in place by a journaled publish
-  (regdpo/stages/publish.py). Their module provides `UNITS`, a `UnitStage` (units.py).
+  (regdpo/stages/journal.py). Their module provides `UNITS`, a `UnitStage` (units.py).
 - **whole stages** (train, evaluate) build a fresh `<workdir>/.<dir>.partial/` and swap it in
   when complete. Their module provides `build(ctx: StageContext) -> dict`. A resumable whole
   stage keeps an interrupted partial with the same fingerprint and continues it.

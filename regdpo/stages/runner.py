@@ -1,10 +1,16 @@
-"""Run one stage with fingerprints and atomic publication.
+"""Run one stage: skip it when current, otherwise do it and publish atomically.
 
-A stage writes into `<workdir>/.<dir>.partial/` and is renamed to `<workdir>/<dir>/` only
-when complete, with `stage.json` (fingerprint, upstream fingerprints, summary) and the
-resolved `config.yaml` beside its outputs. A stage is done when `stage.json` exists and its
-fingerprint matches; a rerun with the same fingerprint is a no-op, a changed setting (its
-config sections or any upstream fingerprint) redoes it, `force=True` redoes regardless.
+Two kinds of stage (registry.py):
+
+- Unit stages (ingest, generate, encode): `plan` -> pending work items -> `run_work_item`
+  anywhere -> `publish` (units.py). A rerun does only units whose content key is new; the
+  stage is current when every wanted unit is published. `force` redoes every unit.
+- Whole stages (train, evaluate): `build(ctx)` writes into `<workdir>/.<dir>.partial/`, which is
+  swapped with `<workdir>/<dir>/` when complete. Current when `stage.json`'s fingerprint (its
+  config sections + its inputs' fingerprints + the model files) matches. `force` redoes it.
+
+Every run holds the workdir lock (lock.py) and first completes any publish a killed run left
+committed-but-unapplied (journal.py), so the published state is always one whole version.
 """
 
 from __future__ import annotations
@@ -13,17 +19,21 @@ import hashlib
 import json
 import shutil
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from regdpo.config import Config, save_resolved
+from regdpo.config import Config, fingerprint_payload, save_resolved
 from regdpo.fingerprint import dir_fingerprint
+from regdpo.stages.lock import workdir_lock
+from regdpo.stages.journal import Transaction, pending_journals, recover
 from regdpo.stages.registry import STAGE, STAGES, get_stage
+from regdpo.stages.units import StagePlan, Staging, UnitStage, make_plan, publish_plan
 
 __all__ = ["STAGES", "BuildFn", "StageContext", "StageInputError", "StageResult", "expected_fingerprint",
-           "is_current", "read_stage_record", "run_stage", "stage_dir"]
+           "is_current", "model_identity", "plan_stage", "publish_stage", "read_stage_record", "run_stage",
+           "stage_dir", "stage_state"]
 
 
 class StageInputError(RuntimeError):
@@ -32,7 +42,7 @@ class StageInputError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage's `build` gets: the config, the workdir, the fresh (or resumed) partial
+    """What a whole stage's `build` gets: the config, the workdir, the fresh (or resumed) partial
     folder to write into, whether the run was forced, and the currently published output of
     this stage (None when there is none), which a resumable stage may continue from."""
 
@@ -57,6 +67,10 @@ class StageResult:
     seconds: float = 0.0
 
 
+BuildFn = Callable[[StageContext], dict[str, Any]]
+StageImpl = UnitStage | BuildFn
+
+
 def stage_dir(workdir: str | Path, name: str) -> Path:
     """The published output directory of a stage, e.g. generate -> <workdir>/negatives."""
     return Path(workdir) / get_stage(name).dir
@@ -76,61 +90,146 @@ def missing_input(name: str, up: str, workdir: str | Path) -> StageInputError:
     )
 
 
-def external_inputs(cfg: Config, name: str) -> str:
-    """A hash of what a stage reads from outside the workdir.
-
-    ingest: the manifest's bytes, so a nightly run over a manifest that gained rows redoes
-    ingest and everything after it. Model stages: the model directory (configs + weight file
-    names/sizes/mtimes), so replaced weights redo generation; the tiny preset is its config.
-    """
-    if name == "ingest":
-        manifest = Path(cfg.ingest.manifest)
-        return hashlib.sha256(manifest.read_bytes()).hexdigest()[:16] if manifest.is_file() else "missing"
-    if STAGE[name].reads_model and cfg.model.path is not None:
+def model_identity(cfg: Config) -> str:
+    """The base model as units and fingerprints see it: its settings (device excluded) and, for
+    a model directory, its files (configs + weight names/sizes/mtimes), read without torch."""
+    files = ""
+    if cfg.model.path is not None:
         root = Path(cfg.model.path)
-        return dir_fingerprint(root) if root.is_dir() else "missing"
-    return ""
+        files = dir_fingerprint(root) if root.is_dir() else "missing"
+    payload = json.dumps({"model": fingerprint_payload(cfg.model), "files": files}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
-    """The fingerprint this stage would have now, from its config sections and its inputs."""
+def _upstream(cfg: Config, name: str) -> dict[str, str]:
     upstream: dict[str, str] = {}
     for up in get_stage(name).inputs:
         rec = read_stage_record(cfg.workdir, up)
         if rec is None:
             raise missing_input(name, up, cfg.workdir)
         upstream[up] = rec["fingerprint"]
+    return upstream
+
+
+def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
+    """A whole stage's fingerprint now: its config sections, its inputs' fingerprints, the model."""
+    stage = get_stage(name)
+    upstream = _upstream(cfg, name)
     payload = json.dumps(
-        {"stage": name, "config": cfg.section_fingerprint(*STAGE[name].sections), "seed": cfg.seed, "upstream": upstream,
-         "inputs": external_inputs(cfg, name)},
+        {"stage": name, "config": cfg.section_fingerprint(*stage.sections), "seed": cfg.seed, "upstream": upstream,
+         "model": model_identity(cfg) if stage.reads_model else ""},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream
 
 
-def is_current(cfg: Config, name: str) -> bool:
+def get_impl(name: str) -> StageImpl:
+    """A unit stage's `UNITS` or a whole stage's `build`, importing its module now."""
+    import regdpo.stages as stages  # tests replace stages.get_impl
+
+    return stages.get_impl(name)
+
+
+def plan_stage(cfg: Config, name: str, *, force: bool = False, impl: UnitStage | None = None) -> StagePlan:
+    """What a unit stage would do now: reused, staged and pending units, in work items."""
+    stage = get_stage(name)
+    if not stage.units:
+        raise ValueError(f"{name} is a whole stage: it has no units to plan")
+    _upstream(cfg, name)  # its inputs must be published
     rec = read_stage_record(cfg.workdir, name)
+    return make_plan(impl or get_impl(name), cfg, Path(cfg.workdir), force=force,
+                     published_fingerprint=rec["fingerprint"] if rec else None)
+
+
+def publish_stage(cfg: Config, plan: StagePlan, *, impl: UnitStage | None = None, seconds: float = 0.0
+                  ) -> StageResult:
+    """Publish a unit stage's done units (call with the workdir lock held, after its work items)."""
+    impl = impl or get_impl(plan.stage)
+    workdir = Path(cfg.workdir)
+    fingerprint, summary = publish_plan(impl, cfg, workdir, plan,
+                                        {"upstream": _upstream(cfg, plan.stage), "seconds": round(seconds, 3)})
+    return StageResult(plan.stage, stage_dir(workdir, plan.stage), fingerprint, False, summary, seconds)
+
+
+def is_current(cfg: Config, name: str, impl: UnitStage | None = None) -> bool:
+    return stage_state(cfg, name, impl)[0] == "current"
+
+
+def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[str, str]:
+    """(current | stale | missing, why) for one stage, from what is on disk (no lock, no writes)."""
+    stage = get_stage(name)
+    rec = read_stage_record(cfg.workdir, name)
+    if name in pending_journals(cfg.workdir):
+        return "stale", "a publish was interrupted; the next run completes it"
     if rec is None:
-        return False
+        partial = Path(cfg.workdir) / f".{stage.dir}.partial"
+        if stage.resumable and partial.is_dir():
+            return "missing", "interrupted run present (resumes)"
+        staged = Staging(Path(cfg.workdir), name).root
+        if stage.units and staged.is_dir() and any(staged.iterdir()):
+            return "missing", "interrupted run present (finished units are kept)"
+        return "missing", ""
     try:
-        fp, _ = expected_fingerprint(cfg, name)
+        if stage.units and isinstance(impl or get_impl(name), UnitStage):
+            plan = plan_stage(cfg, name, impl=impl)
+            if plan.skipped:
+                return "current", ""
+            n_new = len(plan.pending) + len(plan.staged)
+            dropped = plan.published_fingerprint != plan.fingerprint and not n_new
+            return "stale", (f"{n_new} of {len(plan.units)} units to do" if n_new
+                             else "units to drop from the published tables" if dropped else "to publish")
+        fingerprint, _ = expected_fingerprint(cfg, name)
     except StageInputError:
-        return False
-    return rec["fingerprint"] == fp
+        return "stale", "its inputs are missing"
+    except (ValueError, OSError) as err:
+        return "stale", f"cannot plan: {err}"
+    if rec["fingerprint"] != fingerprint:
+        return "stale", "settings or inputs changed since it ran"
+    return "current", ""
 
 
-BuildFn = Callable[[StageContext], dict[str, Any]]
+def run_stage(cfg: Config, name: str, impl: StageImpl | None = None, *, force: bool = False,
+              pool: Any = None) -> StageResult:
+    """Run one stage unless it is current; holds the workdir lock for the duration.
 
-
-def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) -> StageResult:
-    """Run `build(ctx)` unless the stage is already current.
-
-    `build` writes everything into `ctx.out` (a fresh partial directory, or the kept partial
-    of an interrupted resumable run) and returns a small JSON-able summary (counts, not tensors).
+    A unit stage runs its pending work items on `pool` (a parallel.DevicePool; by default one
+    over the stage's configured devices) and publishes. A whole stage calls `impl(ctx)`.
     """
     stage = get_stage(name)
     workdir = Path(cfg.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_lock(workdir, command=f"regdpo stage {name}"):
+        recover(workdir, [s.dir for s in STAGE.values()])
+        impl = impl or get_impl(name)
+        if isinstance(impl, UnitStage):
+            return _run_units(cfg, name, impl, force, pool)
+        return _run_whole(cfg, name, impl, force)
+
+
+def _run_units(cfg: Config, name: str, impl: UnitStage, force: bool, pool: Any) -> StageResult:
+    workdir = Path(cfg.workdir)
+    staging = Staging(workdir, name)
+    staging.clean_temporaries()
+    if force:
+        staging.clear()
+    start = time.perf_counter()
+    plan = plan_stage(cfg, name, force=force, impl=impl)
+    if plan.skipped:
+        rec = read_stage_record(workdir, name) or {}
+        return StageResult(name, stage_dir(workdir, name), plan.fingerprint, True, rec.get("summary", {}))
+    if plan.work_items:
+        if pool is not None:
+            pool.map(plan.work_items)
+        else:
+            from regdpo.stages.parallel import DevicePool
+
+            with DevicePool(cfg, name, workdir, impl=impl) as own:
+                own.map(plan.work_items)
+    return publish_stage(cfg, plan, impl=impl, seconds=time.perf_counter() - start)
+
+
+def _run_whole(cfg: Config, name: str, build: BuildFn, force: bool) -> StageResult:
+    stage = get_stage(name)
+    workdir = Path(cfg.workdir)
     fingerprint, upstream = expected_fingerprint(cfg, name)
     final = stage_dir(workdir, name)
     rec = read_stage_record(workdir, name)
@@ -155,7 +254,6 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
     seconds = time.perf_counter() - start
 
     save_resolved(cfg, partial)
-    marker.unlink()
     record = {
         "stage": name,
         "fingerprint": fingerprint,
@@ -165,16 +263,10 @@ def run_stage(cfg: Config, name: str, build: BuildFn, *, force: bool = False) ->
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     (partial / "stage.json").write_text(json.dumps(record, indent=2))
-    _publish(partial, final)
+    # partial.json stays until the swap: a kill before the journal is written leaves a finished,
+    # resumable partial (a resumed train run finds its last checkpoint at max_steps and finishes).
+    txn = Transaction(workdir, name)
+    txn.swap(partial, final)
+    txn.delete(final / "partial.json")
+    txn.commit()
     return StageResult(name, final, fingerprint, False, summary, seconds)
-
-
-def _publish(partial: Path, final: Path) -> None:
-    """Swap the finished partial directory into place; the old one is removed afterwards."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    partial.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""Run a unit stage's work items on every local device: one process per device.
+
+    with DevicePool(cfg, "generate", workdir) as pool:   # devices from generate.devices
+        pool.map(plan.work_items)                         # or pool.run(item) from many threads
+
+With one device the work runs in this process (the model is loaded once, on first use). With
+several, each device gets its own spawned process that loads the model once and takes work
+items from its inbox; `run` is blocking and thread-safe, so an orchestrator can call it from
+one thread per device (Prefect's thread pool) and every device stays busy. A device process
+that dies (out of memory, kill -9) fails only the item it held; the next item starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from regdpo.config import Config
+from regdpo.stages.units import UnitStage, UnitWorker, WorkItem, process_item
+
+log = logging.getLogger(__name__)
+
+
+class WorkItemError(RuntimeError):
+    """A work item failed as a whole (its device process died, or the worker could not start)."""
+
+
+def unit_stage(name: str) -> UnitStage:
+    from regdpo.stages.runner import get_impl
+
+    impl = get_impl(name)
+    if not isinstance(impl, UnitStage):
+        raise ValueError(f"stage {name!r} does not work in units")
+    return impl
+
+
+def _device_main(cfg: Config, impl: UnitStage, workdir: str, device: str | None, inbox, outbox) -> None:
+    """A device process: open the worker once, then do work items until told to stop."""
+    stage = impl.name
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage}[{device}] %(message)s")
+    try:
+        worker = impl.open_worker(cfg, Path(workdir), device)
+    except BaseException as err:
+        outbox.put(("error", f"could not start the {stage} worker on {device}: {type(err).__name__}: {err}",
+                    traceback.format_exc()))
+        return
+    outbox.put(("ready", None, None))
+    try:
+        while True:
+            msg = inbox.get()
+            if msg is None:
+                return
+            try:
+                outbox.put(("ok", process_item(worker, WorkItem.from_dict(msg), Path(workdir)), None))
+            except BaseException as err:
+                outbox.put(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+    finally:
+        worker.close()
+
+
+class _Proc:
+    """One device process with its inbox and outbox."""
+
+    def __init__(self, ctx, cfg: Config, impl: UnitStage, workdir: Path, device: str | None):
+        self.device = device
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_device_main, args=(cfg, impl, str(workdir), device, self.inbox, self.outbox),
+                                daemon=True, name=f"regdpo-{impl.name}-{device}")
+        self.proc.start()
+        self._wait("ready")
+
+    def _wait(self, expect: str) -> Any:
+        while True:
+            try:
+                kind, payload, tb = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    raise WorkItemError(f"device process {self.device} died (exit code {self.proc.exitcode})") from None
+                continue
+            if kind == "error":
+                raise WorkItemError(f"{payload} [device {self.device}]\n{tb}")
+            assert kind == expect, (kind, expect)
+            return payload
+
+    def run(self, item: WorkItem) -> dict[str, Any]:
+        self.inbox.put(item.to_dict())
+        return self._wait("ok")
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self.inbox.put(None)
+            self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+class DevicePool:
+    """Work items over local devices (see module docstring)."""
+
+    def __init__(self, cfg: Config, stage: str, workdir: str | Path | None = None,
+                 devices: list[str | None] | None = None, impl: UnitStage | None = None):
+        self.cfg, self.stage = cfg, stage
+        self.workdir = Path(workdir or cfg.workdir)
+        self.impl = impl or unit_stage(stage)
+        self.devices = list(devices) if devices else self.impl.devices(cfg)
+        self._free: queue.Queue[int] = queue.Queue()
+        for i in range(len(self.devices)):
+            self._free.put(i)
+        self._procs: dict[int, _Proc] = {}
+        self._local: UnitWorker | None = None
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "DevicePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run_on(self, slot: int, item: WorkItem) -> dict[str, Any]:
+        if len(self.devices) == 1:
+            if self._local is None:
+                self._local = self.impl.open_worker(self.cfg, self.workdir, self.devices[0])
+            return process_item(self._local, item, self.workdir)
+        proc = self._procs.get(slot)
+        if proc is None or not proc.proc.is_alive():
+            proc = self._procs[slot] = _Proc(mp.get_context("spawn"), self.cfg, self.impl, self.workdir,
+                                             self.devices[slot])
+        return proc.run(item)
+
+    def run(self, item: WorkItem | dict) -> dict[str, Any]:
+        """Do one work item on a free device (blocks until one is free and the item is done)."""
+        if isinstance(item, dict):
+            item = WorkItem.from_dict(item)
+        slot = self._free.get()
+        try:
+            if len(self.devices) == 1:
+                with self._lock:
+                    return self._run_on(slot, item)
+            return self._run_on(slot, item)
+        finally:
+            self._free.put(slot)
+
+    def map(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        """Every item, all devices busy; the first failure is raised after the others finish."""
+        if not items:
+            return []
+        if len(self.devices) == 1:
+            return [self.run(item) for item in items]
+        with ThreadPoolExecutor(len(self.devices), thread_name_prefix=f"regdpo-{self.stage}") as ex:
+            futures = [ex.submit(self.run, item) for item in items]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]
+            return [f.result() for f in futures]
+
+    def close(self) -> None:
+        for proc in self._procs.values():
+            proc.stop()
+        self._procs.clear()
+        if self._local is not None:
+            self._local.close()
+            self._local = None

@@ -1,0 +1,96 @@
+"""Fake stages without torch, for the runner, CLI and flow tests.
+
+`FakeUnits(name)` is a real unit stage (units.UnitStage) over text: ingest's units are the
+lines of the manifest file (`path,caption` rows), every later unit stage has one unit per unit
+of its first input. Each unit writes `<stage dir>/items/<id>.txt`; the stage publishes
+`items.json`. `fake_build(name)` is a whole stage's build that writes `<name>.txt`.
+Module-level and picklable, so spawned device processes can run them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from regdpo.stages.registry import STAGE
+from regdpo.stages.units import Staging, Unit, UnitStage, UnitWorker, content_key, read_index, stage_folder
+
+
+class FakeWorker(UnitWorker):
+    def __init__(self, name: str, fail_ids: tuple[str, ...], device: str | None, delay_s: float):
+        self.name, self.fail_ids, self.device, self.delay_s = name, fail_ids, device, delay_s
+
+    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
+        if unit.id in self.fail_ids:
+            raise RuntimeError(f"cannot do {unit.id}")
+        time.sleep(self.delay_s)
+        (out / f"{unit.id}.txt").write_text(f"{self.name}:{unit.id}:{unit.key}")
+        return {"item": unit.id, "pid": os.getpid(), "device": self.device,
+                "files": {f"items/{unit.id}.txt": f"{unit.id}.txt"}}
+
+
+class FakeUnits(UnitStage):
+    def __init__(self, name: str, calls: list[str] | None = None, fail_ids: tuple[str, ...] = (),
+                 size: int = 2, devices: list[str | None] | None = None, delay_s: float = 0.0):
+        self.name = name
+        self.calls = calls if calls is not None else []
+        self.fail_ids, self.size, self._devices, self.delay_s = fail_ids, size, devices or [None], delay_s
+
+    def work_item_size(self, cfg) -> int:
+        return self.size
+
+    def devices(self, cfg) -> list[str | None]:
+        return self._devices
+
+    def plan_units(self, cfg, workdir: Path) -> tuple[list[Unit], dict[str, Any]]:
+        shaping = cfg.section_fingerprint(*STAGE[self.name].sections)
+        if self.name == "ingest":
+            manifest = Path(cfg.ingest.manifest)
+            lines = manifest.read_text().splitlines()[1:] if manifest.is_file() else []
+            ids = [line.split(",")[0].replace(".", "_") for line in lines if line.strip()]
+        else:
+            up = STAGE[self.name].inputs[0]
+            ids = sorted(r["item"] for r in read_index(workdir, up).values())
+        return [Unit(i, content_key(self.name, i, shaping), {}) for i in ids], {}
+
+    def open_worker(self, cfg, workdir: Path, device: str | None) -> UnitWorker:
+        return FakeWorker(self.name, self.fail_ids, device, self.delay_s)
+
+    def assemble(self, cfg, workdir, plan, results, new_keys, old, txn):
+        folder = stage_folder(workdir, self.name)
+        staging = Staging(workdir, self.name)
+        kept = set(results)
+        items = sorted(results[k]["item"] for k in kept)
+        for key in new_keys:
+            for public, name in results[key]["files"].items():
+                txn.move(staging.unit_dir(key) / name, folder / public)
+        wanted = {f"{i}.txt" for i in items}
+        if (folder / "items").is_dir():
+            for p in (folder / "items").iterdir():
+                if p.name not in wanted:
+                    txn.delete(p)
+        txn.write_bytes(folder / "items.json", json.dumps(items).encode())
+        if self.name == "evaluate":
+            txn.write_bytes(folder / "report.md", b"# report\n")
+        self.calls.append(self.name)
+        return kept, {"num_items": len(items)}
+
+
+def fake_build(name: str, calls: list[str]):
+    def build(ctx) -> dict:
+        for up in STAGE[name].inputs:
+            assert (Path(ctx.workdir) / STAGE[up].dir / "stage.json").is_file(), f"{name} ran before {up}"
+        calls.append(name)
+        (ctx.out / f"{name}.txt").write_text(name)
+        if name == "evaluate":
+            (ctx.out / "report.md").write_text("# report\n")
+        return {"num_items": 3}
+
+    return build
+
+
+def fake_impl(name: str, calls: list[str]):
+    return FakeUnits(name, calls) if STAGE[name].units else fake_build(name, calls)
