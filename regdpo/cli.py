@@ -166,5 +166,22 @@ def stages() -> None:
         typer.echo(f"{st.name:<9} {st.summary}; reads: {reads}; writes: <workdir>/{st.dir}/")
 
 
+@app.command()
+def compare(
+    workdirs: Annotated[list[Path], typer.Argument(help="run workdirs (each with train/ and, ideally, eval/)",
+                                                   show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="folder for compare.md, compare.csv and compare.png")] = Path("."),
+) -> None:
+    """Put several runs' evaluations and training curves in one table and one figure."""
+    from regdpo.eval.compare import compare_runs
+
+    try:
+        written = compare_runs(workdirs, out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    for path in written.values():
+        typer.echo(str(path))
+
+
 if __name__ == "__main__":
     app()

@@ -166,9 +166,59 @@ class TrainConfig(_Strict):
         return self
 
 
+class BootstrapConfig(_Strict):
+    """Paired bootstrap over held-out pairs (regdpo/eval/stats.py)."""
+
+    num_resamples: int = Field(default=2000, ge=100, description="resamples for means over pairs (cheap)")
+    set_resamples: int = Field(default=400, ge=50,
+                               description="resamples for statistics of whole sets: each costs two Fréchet distances")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)
+    seed: int = 0
+    min_clips_for_sets: int = Field(
+        default=5, ge=2,
+        description="fewest clips for an interval on a statistic of a whole set (Fréchet distance); below it, no verdict")
+
+
+class EvalSamplesConfig(_Strict):
+    """Evaluation's own sampler: changing it redoes evaluation only, never the negatives."""
+
+    num_samples: int = Field(default=4, ge=0, description="held-out captions sampled with base and tuned (0: none)")
+    num_inference_steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=5.0, ge=0)
+    negative_prompt: str = ""
+    flow_shift: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class FeatureExtractorConfig(_Strict):
+    """Features for the Fréchet distance: `proxy` (offline pixel statistics, labelled a proxy), or a
+    local transformers model directory: `clip` (per-frame CLIP image embeddings, FID-style) or
+    `videomae` (clip-level VideoMAE features, FVD-style). Nothing is downloaded."""
+
+    kind: Literal["proxy", "clip", "videomae"] = "proxy"
+    path: str | None = None
+    batch_size: int = runtime(16, ge=1, description="frames (clip) or clips (videomae) per forward pass")
+
+    @model_validator(mode="after")
+    def _path(self) -> "FeatureExtractorConfig":
+        if self.kind == "proxy" and self.path is not None:
+            raise ValueError("evaluate.feature_extractor.path is set but kind is proxy; set kind: clip or videomae, "
+                             "or remove the path")
+        if self.kind != "proxy":
+            if self.path is None:
+                raise ValueError(f"evaluate.feature_extractor.kind {self.kind} needs path: a local transformers "
+                                 "model directory")
+            if not Path(self.path).is_absolute():
+                raise ValueError(f"evaluate.feature_extractor.path must be an absolute path; got {self.path!r}")
+        return self
+
+
 class EvaluateConfig(_Strict):
     timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     seed: int = 1234
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
+    samples: EvalSamplesConfig = Field(default_factory=EvalSamplesConfig)
+    feature_extractor: FeatureExtractorConfig = Field(default_factory=FeatureExtractorConfig)
 
     @model_validator(mode="after")
     def _t(self) -> "EvaluateConfig":

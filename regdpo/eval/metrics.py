@@ -1,8 +1,9 @@
 """Held-out evaluation of a tuned model against its base, at fixed timesteps and noise.
 
 For every held-out pair and every t in `timesteps`, one fixed ε (seeded by the pair's key)
-is shared by winner and loser, and the per-sample error (METHOD.md's err) is measured for
-the base model (adapters disabled) and the tuned model (adapters enabled).
+is shared by winner (the real clip) and loser (its negative), and the per-sample error
+(METHOD.md's err) is measured for the base and the tuned model. `summarize` turns those rows
+into per-pair changes with paired-bootstrap intervals and a verdict per metric (stats.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import numpy as np
 import torch
 
 from regdpo.data.shards import conditioning
+from regdpo.eval.stats import Interval, mean_interval, proportion_interval, shifted, verdict
 from regdpo.flow_matching import noisy_and_target, pair_noise
 from regdpo.losses import per_sample_error
+
+MODELS = ("base", "tuned")
+MEMBERS = {"w": "real", "l": "negative"}
 
 
 def _pair_generator(seed: int, key: str) -> torch.Generator:
@@ -41,40 +46,93 @@ def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], time
             xt_l, y_l = noisy_and_target(spec.prediction_type, x_l, noise, t)
             noisy, target, t2 = torch.cat([xt_w, xt_l]), torch.cat([y_w, y_l]), torch.cat([t, t])
             row = {"key": pair["key"], "t": t_val}
-            for name in ("base", "tuned"):
+            for name in MODELS:
                 err = per_sample_error(use(name).predict(noisy, t2, cond), target)
                 row[f"err_{name}_w"], row[f"err_{name}_l"] = err[0].item(), err[1].item()
             rows.append(row)
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Aggregate pair_errors rows into the numbers of eval/metrics.json."""
+def verdict_row(metric: str, label: str, base: float | None, tuned: float, interval: Interval, *,
+                better: str, want: str, unit: str = "pairs") -> dict[str, Any]:
+    """One line of the verdict table: the interval is on the change (tuned - base), null 0."""
+    return {"metric": metric, "label": label, "base": base, "tuned": tuned, "change": interval.estimate,
+            "interval": interval.as_dict(), "better": better, "want": want, "unit": unit,
+            "verdict": verdict(interval, better=better)}
+
+
+class _PairTable:
+    """The error rows as arrays indexed [pair, t], pairs in first-seen order."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.keys = list(dict.fromkeys(r["key"] for r in rows))
+        self.ts = sorted({r["t"] for r in rows})
+        kidx, tidx = {k: i for i, k in enumerate(self.keys)}, {t: j for j, t in enumerate(self.ts)}
+        self.err = {f"{m}_{x}": np.full((len(self.keys), len(self.ts)), np.nan) for m in MODELS for x in MEMBERS}
+        for r in rows:
+            for name, arr in self.err.items():
+                arr[kidx[r["key"]], tidx[r["t"]]] = r[f"err_{name}"]
+        missing = [n for n, a in self.err.items() if np.isnan(a).any()]
+        if missing:
+            raise ValueError(f"pair_errors rows are incomplete ({', '.join(missing)}): every pair needs every timestep")
+
+
+def summarize(rows: list[dict[str, Any]], *, num_resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+              ) -> dict[str, Any]:
+    """Aggregate pair_errors rows into eval/metrics.json: means, per-timestep curves, and the
+    verdict rows of the error metrics (intervals over pairs, each pair averaged over t)."""
     if not rows:
         raise ValueError("no held-out pairs to evaluate: the heldout split is empty (raise ingest.min_heldout)")
-    col = {k: np.array([r[k] for r in rows]) for k in rows[0] if k.startswith("err_")}
-    s = (col["err_tuned_w"] - col["err_tuned_l"]) - (col["err_base_w"] - col["err_base_l"])
-    ts = sorted({r["t"] for r in rows})
-    per_t = {
-        name: {f"{t:g}": float(np.mean([r[f"err_{name}_w"] for r in rows if r["t"] == t])) for t in ts}
-        for name in ("base", "tuned")
-    }
-    base_w, tuned_w = float(col["err_base_w"].mean()), float(col["err_tuned_w"].mean())
+    tab = _PairTable(rows)
+    e = tab.err
+    boot = dict(num_resamples=num_resamples, confidence=confidence, seed=seed)
+    s_pt = (e["tuned_w"] - e["tuned_l"]) - (e["base_w"] - e["base_l"])  # [pair, t]
+    win_pt, lose_pt = e["tuned_w"] - e["base_w"], e["tuned_l"] - e["base_l"]
+    pref = {m: (e[f"{m}_w"] < e[f"{m}_l"]).astype(float) for m in MODELS}
+    # A pair counts once, with its s averaged over t: the timesteps of a pair are not independent.
+    pair_acc = proportion_interval(int((s_pt.mean(1) < 0).sum()), len(tab.keys), confidence=confidence)
+
+    def per_t(member: str) -> dict[str, Any]:
+        return {m: {f"{t:g}": float(e[f"{m}_{member}"][:, j].mean()) for j, t in enumerate(tab.ts)} for m in MODELS}
+
+    def error_block(member: str) -> dict[str, Any]:
+        base, tuned = float(e[f"base_{member}"].mean()), float(e[f"tuned_{member}"].mean())
+        return {"base": base, "tuned": tuned, "relative_change": (tuned - base) / base if base else float("nan"),
+                "per_t": per_t(member)}
+
+    verdicts = [
+        verdict_row("denoise_error_real", "denoising error on the real held-out clips", float(e["base_w"].mean()),
+                    float(e["tuned_w"].mean()), mean_interval(win_pt.mean(1), **boot), better="lower",
+                    want="lower (win gap < 0)"),
+        verdict_row("denoise_error_negative", "denoising error on their negatives", float(e["base_l"].mean()),
+                    float(e["tuned_l"].mean()), mean_interval(lose_pt.mean(1), **boot), better="higher",
+                    want="higher (lose gap > 0)"),
+        verdict_row("s", "margin s (win gap - lose gap)", 0.0, float(s_pt.mean()), mean_interval(s_pt.mean(1), **boot),
+                    better="lower", want="< 0"),
+        verdict_row("implicit_acc", "implicit accuracy: fraction of pairs with s < 0, as change from chance 0.5",
+                    None, float(pair_acc.estimate), shifted(pair_acc, 0.5), better="higher", want="> 0.5"),
+    ]
+    timestep_rows = []
+    for j, t in enumerate(tab.ts):
+        row: dict[str, Any] = {"t": t}
+        for member, name in MEMBERS.items():
+            change = e[f"tuned_{member}"][:, j] - e[f"base_{member}"][:, j]
+            row[name] = {"base": float(e[f"base_{member}"][:, j].mean()),
+                         "tuned": float(e[f"tuned_{member}"][:, j].mean()),
+                         "change": mean_interval(change, **boot).as_dict()}
+        timestep_rows.append(row)
     return {
-        "num_pairs": len({r["key"] for r in rows}),
-        "timesteps": ts,
-        "implicit_acc": float((s < 0).mean()),
-        "s": float(s.mean()),
-        "win_gap": float((col["err_tuned_w"] - col["err_base_w"]).mean()),
-        "lose_gap": float((col["err_tuned_l"] - col["err_base_l"]).mean()),
-        "preference_acc": {  # fraction of (pair, t) where the model fits the real clip better than its negative
-            "base": float((col["err_base_w"] < col["err_base_l"]).mean()),
-            "tuned": float((col["err_tuned_w"] < col["err_tuned_l"]).mean()),
-        },
-        "denoise_error_real": {
-            "base": base_w,
-            "tuned": tuned_w,
-            "relative_change": (tuned_w - base_w) / base_w if base_w else float("nan"),
-            "per_t": per_t,
-        },
+        "num_pairs": len(tab.keys),
+        "timesteps": tab.ts,
+        "implicit_acc": float((s_pt < 0).mean()),
+        "s": float(s_pt.mean()),
+        "win_gap": float(win_pt.mean()),
+        "lose_gap": float(lose_pt.mean()),
+        "implicit_acc_pairs": pair_acc.as_dict(),
+        # fraction of (pair, t) where the model fits the real clip better than its negative
+        "preference_acc": {m: float(pref[m].mean()) for m in MODELS},
+        "denoise_error_real": error_block("w"),
+        "denoise_error_negative": error_block("l"),
+        "per_timestep": timestep_rows,
+        "verdicts": verdicts,
     }

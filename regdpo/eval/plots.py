@@ -1,8 +1,14 @@
-"""PNG plots for the report: training curves and held-out denoising error."""
+"""PNG plots for the report: training curves and held-out denoising error per timestep.
+
+Curves are drawn as an exponential moving average (bold) over the raw values (faint). Series
+that would lie on top of each other get their own panel (win gap, lose gap) or, when they are
+equal (r = DGR), one line and a note saying so.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,58 +16,188 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
-# (title, metrics.jsonl keys, y label, reference line or None)
-CURVES = (
-    ("total loss", ("loss",), "loss", None),
-    ("DPO loss", ("dpo_loss",), "-log σ(-β s)", 0.6931471805599453),  # log 2 where policy = reference
-    ("SFT error on the real clip", ("sft_loss",), "err_θ(w)", None),
-    ("DGR and r", ("dgr", "r"), "coefficient", None),
-    ("win / lose gap", ("win_gap", "lose_gap"), "err(θ) - err(ref)", 0.0),
-    ("margin s", ("s",), "s (want < 0)", 0.0),
+LN2 = math.log(2.0)
+
+# (title, key, y label, reference line or None, note on the reference line)
+PANELS = (
+    ("total loss", "loss", "loss", None, ""),
+    ("DPO loss", "dpo_loss", "-log σ(-β s)", LN2, "ln 2: policy = reference"),
+    ("SFT error on the real clip", "sft_loss", "err_θ(w)", None, ""),
+    ("DGR and r", "dgr", "coefficient", None, ""),
+    ("margin s = win gap - lose gap", "s", "s (want < 0)", 0.0, ""),
+    ("implicit accuracy", "implicit_acc", "fraction with s < 0", 0.5, "chance"),
+    ("win gap (real clip)", "win_gap", "err_θ(w) - err_ref(w), want < 0", 0.0, ""),
+    ("lose gap (negative)", "lose_gap", "err_θ(l) - err_ref(l), want > 0", 0.0, ""),
+    ("gradient norm (before clipping)", "grad_norm", "‖g‖", None, ""),
 )
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The readable rows of train/metrics.jsonl (see load_metrics)."""
+    return load_metrics(path)[0]
 
 
-def plot_training_curves(metrics: list[dict[str, Any]], out: Path) -> Path:
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
-    steps = [m["step"] for m in metrics]
-    for ax, (title, keys, ylabel, ref) in zip(axes.flat, CURVES):
-        for k in keys:
-            ax.plot(steps, [m[k] for m in metrics], label=k, marker="." if len(steps) < 50 else None)
-        if ref is not None:
-            ax.axhline(ref, color="grey", lw=0.8, ls="--")
-        ax.set_title(title)
+def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """train/metrics.jsonl as a list of {key: float}, and how many lines could not be read.
+
+    Tolerant: blank lines and lines that are not a JSON object (e.g. a last line cut short by an
+    interrupted write) are skipped and counted; non-numeric values are dropped; unknown keys are
+    kept; a missing "step" is the line's position.
+    """
+    rows, bad = [], 0
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if not isinstance(raw, dict):
+            bad += 1
+            continue
+        row = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row.setdefault("step", float(i))
+        rows.append(row)
+    return rows, bad
+
+
+def series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that have `key` and a finite value."""
+    pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*pts)
+    return np.asarray(steps), np.asarray(values)
+
+
+def ema(values: np.ndarray, span: int | None = None) -> np.ndarray:
+    """Bias-corrected exponential moving average (the first values are not pulled toward 0).
+    Default span: 1/20 of the series, at least 1 (no smoothing)."""
+    values = np.asarray(values, dtype=np.float64)
+    if span is None:
+        span = max(1, len(values) // 20)
+    alpha = 2.0 / (span + 1.0)
+    out, m, norm = np.empty_like(values), 0.0, 0.0
+    for i, v in enumerate(values):
+        m = (1 - alpha) * m + alpha * v
+        norm = (1 - alpha) * norm + alpha
+        out[i] = m / norm
+    return out
+
+
+def equal_series(a: np.ndarray, b: np.ndarray) -> bool:
+    return len(a) == len(b) and len(a) > 0 and bool(np.allclose(a, b, rtol=1e-6, atol=1e-12))
+
+
+def smooth(y: np.ndarray, log: bool = False) -> np.ndarray:
+    """The moving average drawn over a curve; on a log axis it averages log values, so an
+    exponential decay (DGR collapsing) is not drawn decades above the raw values."""
+    if log and len(y) and np.all(y > 0):
+        return np.exp(ema(np.log(y)))
+    return ema(y)
+
+
+def _draw(ax, x, y, label: str, color: str, style: str = "-", marker: str | None = None, log: bool = False) -> None:
+    ax.plot(x, y, color=color, lw=0.8, alpha=0.35)
+    markevery = max(1, len(x) // 12)
+    ax.plot(x, smooth(y, log), color=color, lw=1.8, ls=style, marker=marker, markevery=markevery, ms=4, label=label)
+
+
+def _dgr_panel(ax, rows) -> str:
+    """DGR and r on one axis; returns a note for the panel (equal / zero / log scale)."""
+    x, dgr = series(rows, "dgr")
+    xr, r = series(rows, "r")
+    notes = []
+    positive = dgr[dgr > 0]
+    log = bool(len(positive)) and positive.max() / positive.min() > 100
+    _draw(ax, x, dgr, "DGR", "C0", log=log)
+    if equal_series(dgr, r):
+        notes.append("r = DGR at every step (one line)")
+    elif len(r) and np.all(r == 0):
+        notes.append("r = 0 at every step (not drawn)")
+    elif len(r):
+        _draw(ax, xr, r, "r", "C3", "--", "s", log=log)
+    if log:
+        ax.set_yscale("log")
+        notes.append("log scale")
+    return "; ".join(notes)
+
+
+def plot_training_curves(rows: list[dict[str, Any]], out: str | Path, *, title: str = "training") -> Path:
+    """A 3x3 grid of the metrics.jsonl curves (panels for missing keys say so)."""
+    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
+    for ax, (name, key, ylabel, ref, ref_note) in zip(axes.flat, PANELS):
+        x, y = series(rows, key)
+        note = ""
+        if not len(y):
+            ax.text(0.5, 0.5, f"{key}: not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        elif key == "dgr":
+            note = _dgr_panel(ax, rows)
+        else:
+            _draw(ax, x, y, key, "C0")
+        if ref is not None and len(y):
+            ax.axhline(ref, color="grey", lw=0.9, ls=":", label=ref_note or f"{ref:g}")
+        ax.set_title(name + (f"\n({note})" if note else ""), fontsize=10)
         ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend()
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("Reg-DPO training")
+        if len(y):
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{title}: bold = moving average, faint = every step", fontsize=11)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
-def plot_denoise_error(summary: dict[str, Any], out: Path) -> Path:
-    per_t = summary["denoise_error_real"]["per_t"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in ("base", "tuned"):
-        ts = [float(t) for t in per_t[name]]
-        ax.plot(ts, list(per_t[name].values()), marker="o", label=name)
-    ax.set_xlabel("t (noise level)")
-    ax.set_ylabel("denoising error on real held-out clips")
-    ax.set_title("held-out denoising error, base vs tuned")
-    ax.legend()
-    ax.grid(alpha=0.3)
+def _errorbars(interval_dicts: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    est = np.array([d["estimate"] for d in interval_dicts])
+    bounded = [math.isfinite(d["low"]) and math.isfinite(d["high"]) for d in interval_dicts]
+    lo = np.array([d["estimate"] - d["low"] if ok else 0.0 for d, ok in zip(interval_dicts, bounded)])
+    hi = np.array([d["high"] - d["estimate"] if ok else 0.0 for d, ok in zip(interval_dicts, bounded)])
+    return est, np.vstack([lo, hi]), bounded
+
+
+def plot_denoise_error(summary: dict[str, Any], out: str | Path) -> Path:
+    """Per timestep: error of base and tuned on the real clips and on the negatives (top), and
+    the change tuned - base with its interval (bottom)."""
+    per_t = summary["per_timestep"]
+    ts = np.array([r["t"] for r in per_t])
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for col, (member, want) in enumerate((("real", "want lower: < 0"), ("negative", "want higher: > 0"))):
+        ax = axes[0][col]
+        ax.plot(ts, [r[member]["base"] for r in per_t], "o-", color="C0", label="base")
+        ax.plot(ts, [r[member]["tuned"] for r in per_t], "s--", color="C1", label="tuned")
+        ax.set_title(f"denoising error on the {member} held-out clips" if member == "real"
+                     else "denoising error on their negatives", fontsize=10)
+        ax.set_ylabel("err (mean squared, per element)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax = axes[1][col]
+        est, err, bounded = _errorbars([r[member]["change"] for r in per_t])
+        ax.errorbar(ts, est, yerr=err, fmt="D-", color="C2", capsize=4, label="tuned - base, interval")
+        for t, e, ok in zip(ts, est, bounded):
+            if not ok:
+                ax.annotate("no interval", (t, e), fontsize=7, color="grey", textcoords="offset points", xytext=(3, 6))
+        ax.axhline(0.0, color="grey", lw=0.9, ls=":")
+        ax.set_title(f"change on the {member} clips ({want})", fontsize=10)
+        ax.set_xlabel("t (noise level)")
+        ax.set_ylabel("tuned - base")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    n = summary["num_pairs"]
+    fig.suptitle(f"held-out denoising error per timestep ({n} pair{'s' if n != 1 else ''}, same noise for both models)",
+                 fontsize=11)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
-    return out
+    return Path(out)
 
+
+# ---- kept until the evaluate stage uses samples.write_contact_sheet ----
 
 def plot_sample_frames(samples: list[dict[str, Any]], out: Path, num_frames_shown: int = 4) -> Path:
     """A contact sheet: per held-out clip, rows real / base / tuned, a few frames across time."""

@@ -1,12 +1,175 @@
-"""eval/report.md: what a person reads after a run."""
+"""eval/report.md and a self-contained eval/report.html: what a person reads after a run.
+
+Both are rendered from one list of blocks, so they say the same thing: the verdict table first,
+then the training curves, the per-timestep errors, the samples, the distribution metrics and the
+configuration. The HTML embeds its images (and the sample grid video when small) as base64
+data URIs, so it can be mailed or attached as one file.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from regdpo.eval.stats import BETTER, SAME, WORSE, Interval, format_interval
 
-def _fmt(x: float) -> str:
+MAX_EMBEDDED_VIDEO = 8 * 2**20  # bytes; larger grids are linked, not embedded
+
+TINY_WARNING = ("This run uses the tiny random-init preset (model.preset: tiny): the numbers below exercise the "
+                "pipeline and say nothing about video quality. Its samples are not expected to look like video.")
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+def fmt_signed(x: float) -> str:
+    return f"{x:+.4g}" if math.isfinite(x) else str(x)
+
+
+@dataclass
+class Block:
+    kind: str  # h1 | h2 | p | warn | table | img | video | code | list
+    text: str = ""
+    header: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+    path: str = ""  # img / video: relative to the report's folder
+
+
+def interval_of(row: dict[str, Any]) -> Interval:
+    return Interval(**row["interval"])
+
+
+def verdict_table(rows: list[dict[str, Any]]) -> Block:
+    body = []
+    for r in rows:
+        body.append([r["label"], fmt(r["base"]), fmt(r["tuned"]), fmt_signed(r["change"]),
+                     format_interval(interval_of(r), fmt), r["want"], f"**{r['verdict']}**"])
+    return Block("table", header=["metric", "base", "tuned", "change (tuned - base)", "interval of the change", "want",
+                                  "verdict"], rows=body)
+
+
+def headline(rows: list[dict[str, Any]], num_pairs: int) -> str:
+    count = {v: sum(r["verdict"] == v for r in rows) for v in (BETTER, WORSE, SAME)}
+    return (f"Of {len(rows)} metrics, {count[BETTER]} better, {count[WORSE]} worse, {count[SAME]} no measurable "
+            f"change, from {num_pairs} held-out pair{'s' if num_pairs != 1 else ''}. An interval that contains 0 is "
+            "'no measurable change'; few pairs give wide intervals.")
+
+
+def timestep_table(per_t: list[dict[str, Any]]) -> Block:
+    body = []
+    for r in per_t:
+        cells = [f"{r['t']:g}"]
+        for member in ("real", "negative"):
+            m = r[member]
+            cells += [fmt(m["base"]), fmt(m["tuned"]), f"{fmt_signed(m['change']['estimate'])} "
+                      f"{format_interval(Interval(**m['change']), fmt)}"]
+        body.append(cells)
+    return Block("table", header=["t", "real: base", "real: tuned", "real: change [interval]", "negative: base",
+                                  "negative: tuned", "negative: change [interval]"], rows=body)
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if b.kind == "h1":
+            out += [f"# {b.text}", ""]
+        elif b.kind == "h2":
+            out += [f"## {b.text}", ""]
+        elif b.kind == "p":
+            out += [b.text, ""]
+        elif b.kind == "warn":
+            out += [f"> **{b.text}**", ""]
+        elif b.kind == "table":
+            out.append("| " + " | ".join(h.replace("|", "\\|") for h in b.header) + " |")
+            out.append("|" + "---|" * len(b.header))
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in b.rows]
+            out.append("")
+        elif b.kind == "img":
+            out += [f"![{b.text}]({b.path})", ""]
+        elif b.kind == "video":
+            out += [f"[{b.text}]({b.path})", ""]
+        elif b.kind == "code":
+            out += ["```yaml", b.text.rstrip(), "```", ""]
+        elif b.kind == "list":
+            out += [f"- {i}" for i in b.items] + [""]
+        else:
+            raise ValueError(f"unknown block kind {b.kind!r}")
+    return "\n".join(out)
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def _inline(text: str) -> str:
+    """Escape, then the only markdown the blocks use inline: **bold**."""
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+VERDICT_CLASS = {BETTER: "better", WORSE: "worse", SAME: "same"}
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
+th{background:#f3f3f3}.warn{background:#fff4d6;border-left:5px solid #e0a800;padding:.6em 1em}
+.better{background:#dff5e1}.worse{background:#fbe0e0}.same{background:#f1f1f1}img,video{max-width:100%}
+pre{background:#f7f7f7;padding:1em;overflow-x:auto;font-size:13px}"""
+
+
+def render_html(blocks: list[Block], root: Path) -> str:
+    out = ["<!doctype html><html><head><meta charset='utf-8'><title>regdpo evaluation report</title>",
+           f"<style>{CSS}</style></head><body>"]
+    for b in blocks:
+        if b.kind in ("h1", "h2"):
+            out.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "warn":
+            out.append(f"<p class='warn'><b>{html.escape(b.text)}</b></p>")
+        elif b.kind == "table":
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b.header) + "</tr>")
+            for row in b.rows:
+                cls = next((VERDICT_CLASS[v] for v in VERDICT_CLASS if row and row[-1] == f"**{v}**"), "")
+                out.append(f"<tr class='{cls}'>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>")
+            out.append("</table>")
+        elif b.kind == "img":
+            out.append(f"<p><img alt='{html.escape(b.text)}' src='{_data_uri(root / b.path, 'image/png')}'></p>")
+        elif b.kind == "video":
+            path = root / b.path
+            if path.is_file() and path.stat().st_size <= MAX_EMBEDDED_VIDEO:
+                out.append(f"<p>{html.escape(b.text)}<br><video controls loop muted "
+                           f"src='{_data_uri(path, 'video/mp4')}'></video></p>")
+            else:
+                out.append(f"<p><a href='{html.escape(b.path)}'>{html.escape(b.text)}</a> (not embedded: too large)</p>")
+        elif b.kind == "code":
+            out.append(f"<pre>{html.escape(b.text)}</pre>")
+        elif b.kind == "list":
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in b.items) + "</ul>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report_files(out: str | Path, blocks: list[Block]) -> tuple[Path, Path]:
+    """Write report.md and report.html into `out` (image paths in blocks are relative to it)."""
+    out = Path(out)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(render_markdown(blocks))
+    page.write_text(render_html(blocks, out))
+    return md, page
+
+
+# ---- the evaluate stage's previous report, kept until that stage renders report_blocks ----
+
+def _legacy_fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
@@ -23,34 +186,34 @@ def write_report(out: Path, summary: dict[str, Any], train_summary: dict[str, An
         "",
         "| metric | value | want |",
         "|---|---|---|",
-        f"| implicit accuracy (fraction with s < 0) | {_fmt(summary['implicit_acc'])} | > 0.5 |",
-        f"| mean s | {_fmt(summary['s'])} | < 0 |",
-        f"| win gap = err_tuned(real) - err_base(real) | {_fmt(summary['win_gap'])} | < 0 |",
-        f"| lose gap = err_tuned(negative) - err_base(negative) | {_fmt(summary['lose_gap'])} | > 0 |",
+        f"| implicit accuracy (fraction with s < 0) | {_legacy_fmt(summary['implicit_acc'])} | > 0.5 |",
+        f"| mean s | {_legacy_fmt(summary['s'])} | < 0 |",
+        f"| win gap = err_tuned(real) - err_base(real) | {_legacy_fmt(summary['win_gap'])} | < 0 |",
+        f"| lose gap = err_tuned(negative) - err_base(negative) | {_legacy_fmt(summary['lose_gap'])} | > 0 |",
         "",
         "## Which sample each model fits better",
         "",
         "| model | fraction with err(real) < err(negative) |",
         "|---|---|",
-        f"| base | {_fmt(summary['preference_acc']['base'])} |",
-        f"| tuned | {_fmt(summary['preference_acc']['tuned'])} |",
+        f"| base | {_legacy_fmt(summary['preference_acc']['base'])} |",
+        f"| tuned | {_legacy_fmt(summary['preference_acc']['tuned'])} |",
         "",
         "## Denoising error on the real held-out clips",
         "",
         "| t | base | tuned |",
         "|---|---|---|",
-        *[f"| {t} | {_fmt(d['per_t']['base'][t])} | {_fmt(d['per_t']['tuned'][t])} |" for t in d["per_t"]["base"]],
-        f"| mean | {_fmt(d['base'])} | {_fmt(d['tuned'])} ({d['relative_change']:+.2%}) |",
+        *[f"| {t} | {_legacy_fmt(d['per_t']['base'][t])} | {_legacy_fmt(d['per_t']['tuned'][t])} |" for t in d["per_t"]["base"]],
+        f"| mean | {_legacy_fmt(d['base'])} | {_legacy_fmt(d['tuned'])} ({d['relative_change']:+.2%}) |",
         "",
         "## Training",
         "",
-        f"Steps: {train_summary.get('steps')}, final loss {_fmt(train_summary.get('final_loss', float('nan')))}.",
+        f"Steps: {train_summary.get('steps')}, final loss {_legacy_fmt(train_summary.get('final_loss', float('nan')))}.",
     ]
     if last_step:
         lines.append(
-            f"Last step: s = {_fmt(last_step['s'])}, DGR = {_fmt(last_step['dgr'])}, r = {_fmt(last_step['r'])}, "
-            f"win gap = {_fmt(last_step['win_gap'])}, lose gap = {_fmt(last_step['lose_gap'])}, "
-            f"implicit accuracy = {_fmt(last_step['implicit_acc'])}."
+            f"Last step: s = {_legacy_fmt(last_step['s'])}, DGR = {_legacy_fmt(last_step['dgr'])}, r = {_legacy_fmt(last_step['r'])}, "
+            f"win gap = {_legacy_fmt(last_step['win_gap'])}, lose gap = {_legacy_fmt(last_step['lose_gap'])}, "
+            f"implicit accuracy = {_legacy_fmt(last_step['implicit_acc'])}."
         )
     lines += ["", *[f"![{Path(p).stem}]({p})" for p in plots], ""]
     if samples:

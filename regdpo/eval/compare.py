@@ -1,0 +1,188 @@
+"""Several runs side by side: one table (markdown + CSV) and one figure.
+
+    regdpo compare runs/dpo runs/reg-dpo runs/sft --out compare/
+
+reads each workdir's train/metrics.jsonl, train/config.yaml and eval/metrics.json (a run not
+evaluated yet shows its training columns only) and writes compare.md, compare.csv and
+compare.png into the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from regdpo.eval.plots import ema, equal_series, load_metrics, series  # noqa: E402
+from regdpo.eval.report import fmt, fmt_signed  # noqa: E402
+from regdpo.eval.stats import Interval, format_interval  # noqa: E402
+
+TRAIN_KEYS = ("dgr", "r", "s", "win_gap", "lose_gap", "implicit_acc", "sft_loss", "dpo_loss")
+CURVES = (("DGR", "dgr"), ("margin s", "s"), ("win gap (want < 0)", "win_gap"), ("lose gap (want > 0)", "lose_gap"),
+          ("implicit accuracy", "implicit_acc"))
+STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P"), ("-.", "X"), (":", "*")]
+
+
+@dataclass
+class Run:
+    name: str
+    workdir: Path
+    train_cfg: dict[str, Any]
+    rows: list[dict[str, Any]]
+    eval: dict[str, Any] | None
+
+    @property
+    def setting(self) -> str:
+        """The objective and its r in words: 'reg-dpo, r = 0.5·DGR', 'dpo', 'reg-dpo, r = 50'."""
+        t = self.train_cfg
+        obj = t.get("objective", "?")
+        if obj != "reg-dpo":
+            return obj
+        if t.get("r_mode") == "constant":
+            return f"reg-dpo, r = {t.get('r_constant'):g}"
+        k = t.get("r_scale", 1.0)
+        return "reg-dpo, r = DGR" if k == 1 else f"reg-dpo, r = {k:g}·DGR"
+
+
+def load_run(workdir: str | Path, name: str | None = None) -> Run:
+    workdir = Path(workdir)
+    metrics = workdir / "train" / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: {workdir} is not a trained regdpo workdir (run train first)")
+    rows, _ = load_metrics(metrics)
+    cfg_path = workdir / "train" / "config.yaml"
+    train_cfg = (yaml.safe_load(cfg_path.read_text()) or {}).get("train", {}) if cfg_path.is_file() else {}
+    ev = workdir / "eval" / "metrics.json"
+    return Run(name or workdir.name, workdir, train_cfg, rows, json.loads(ev.read_text()) if ev.is_file() else None)
+
+
+def _names(workdirs: list[Path]) -> list[str]:
+    names = [w.name for w in workdirs]
+    if len(set(names)) < len(names):  # same folder names in different places: add the parent
+        names = [f"{w.parent.name}/{w.name}" for w in workdirs]
+    return names
+
+
+def _final(run: Run, key: str) -> float:
+    _, y = series(run.rows, key)
+    return float(ema(y)[-1]) if len(y) else math.nan
+
+
+def _verdicts(run: Run) -> dict[str, dict[str, Any]]:
+    return {v["metric"]: v for v in (run.eval or {}).get("verdicts", [])}
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
+    """(markdown header, markdown rows, flat CSV records)."""
+    metrics = list(dict.fromkeys(m for r in runs for m in _verdicts(r)))
+    header = ["run", "setting", "steps", *(f"train {k} (end)" for k in ("dgr", "s", "win_gap", "lose_gap",
+                                                                        "implicit_acc")),
+              *(f"held-out {m}: change [interval] verdict" for m in metrics)]
+    md, records = [], []
+    for run in runs:
+        v = _verdicts(run)
+        rec: dict[str, Any] = {"run": run.name, "setting": run.setting, "workdir": str(run.workdir),
+                               "steps": len(run.rows)}
+        rec.update({f"train_{k}_end": _final(run, k) for k in TRAIN_KEYS})
+        cells = [run.name, run.setting, str(len(run.rows)),
+                 *(fmt(rec[f"train_{k}_end"]) for k in ("dgr", "s", "win_gap", "lose_gap", "implicit_acc"))]
+        for m in metrics:
+            if m not in v:
+                cells.append("—")
+                continue
+            iv = Interval(**v[m]["interval"])
+            cells.append(f"{fmt_signed(v[m]['change'])} {format_interval(iv, fmt)} **{v[m]['verdict']}**")
+            rec.update({f"{m}_base": v[m]["base"], f"{m}_tuned": v[m]["tuned"], f"{m}_change": v[m]["change"],
+                        f"{m}_low": iv.low, f"{m}_high": iv.high, f"{m}_n": iv.n, f"{m}_verdict": v[m]["verdict"]})
+        md.append(cells)
+        records.append(rec)
+    return header, md, records
+
+
+def plot_runs(runs: list[Run], out: Path) -> Path:
+    """Training curves of every run (moving averages) and the held-out real-clip error change."""
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    for ax, (title, key) in zip(axes.flat, CURVES):
+        drawn: list[tuple[str, np.ndarray]] = []
+        for i, run in enumerate(runs):
+            x, y = series(run.rows, key)
+            if not len(y):
+                continue
+            same = next((n for n, prev in drawn if equal_series(prev, y)), None)
+            ls, marker = STYLES[i % len(STYLES)]
+            label = f"{run.name}" + (f" (= {same})" if same else "")
+            ax.plot(x, ema(y), ls=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4, lw=1.5, label=label)
+            drawn.append((run.name, y))
+        if key == "dgr" and any(np.all(series(r.rows, key)[1] > 0) for r in runs):
+            ax.set_yscale("log")
+        ax.axhline(0.5 if key == "implicit_acc" else 0.0, color="grey", lw=0.8, ls=":")
+        ax.set_title(title + (" (log scale)" if ax.get_yscale() == "log" else ""), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _bar_real_error(axes.flat[5], runs)
+    fig.suptitle("runs compared: training curves are moving averages; right, held-out error with its interval",
+                 fontsize=11)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def _bar_real_error(ax, runs: list[Run]) -> None:
+    names, est, lo, hi = [], [], [], []
+    for run in runs:
+        v = _verdicts(run).get("denoise_error_real")
+        if v is None:
+            continue
+        iv = v["interval"]
+        names.append(run.name)
+        est.append(v["change"])
+        ok = math.isfinite(iv["low"]) and math.isfinite(iv["high"])
+        lo.append(v["change"] - iv["low"] if ok else 0.0)
+        hi.append(iv["high"] - v["change"] if ok else 0.0)
+    ax.set_title("held-out real-clip error: tuned - base (want < 0)", fontsize=10)
+    if not names:
+        ax.text(0.5, 0.5, "no evaluated runs", ha="center", va="center", transform=ax.transAxes, color="grey")
+        return
+    ypos = np.arange(len(names))
+    ax.barh(ypos, est, xerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(names))], capsize=4, alpha=0.8)
+    ax.set_yticks(ypos, names, fontsize=8)
+    ax.axvline(0.0, color="grey", lw=0.8)
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+
+
+def compare_runs(workdirs: list[str | Path], out: str | Path = ".") -> dict[str, Path]:
+    """Write compare.md, compare.csv and compare.png for the runs in `workdirs` into `out`."""
+    if not workdirs:
+        raise ValueError("compare needs at least one workdir")
+    paths = [Path(w) for w in workdirs]
+    runs = [load_run(w, n) for w, n in zip(paths, _names(paths))]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, md_rows, records = table_rows(runs)
+    lines = ["# regdpo runs compared", "",
+             "Training columns: moving average at the last step. Held-out columns: change tuned - base with its "
+             "interval (over held-out pairs) and the verdict; see each run's eval/report.md for the details.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in md_rows), "",
+             "![runs compared](compare.png)", ""]
+    (out / "compare.md").write_text("\n".join(lines))
+    fields = list(dict.fromkeys(k for rec in records for k in rec))
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    plot_runs(runs, out / "compare.png")
+    return {"markdown": out / "compare.md", "csv": out / "compare.csv", "figure": out / "compare.png"}

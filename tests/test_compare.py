@@ -1,0 +1,33 @@
+"""`regdpo compare`: several runs in one table (markdown + CSV) and one figure."""
+
+import csv
+
+from typer.testing import CliRunner
+
+from regdpo.cli import app
+from regdpo.eval.compare import compare_runs
+from tests.test_eval_fixtures import fake_workdir
+
+
+def test_compare_two_workdirs_writes_table_and_figure(tmp_path):
+    dpo = fake_workdir(tmp_path / "dpo", "dpo")
+    reg = fake_workdir(tmp_path / "reg-dpo", "reg-dpo", r_scale=0.5)
+    written = compare_runs([dpo, reg], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "| dpo | dpo |" in md and "| reg-dpo | reg-dpo, r = 0.5·DGR |" in md
+    with written["csv"].open() as f:
+        records = list(csv.DictReader(f))
+    assert [r["run"] for r in records] == ["dpo", "reg-dpo"]
+    assert records[0]["denoise_error_real_verdict"] in ("better", "worse", "no measurable change")
+    assert float(records[1]["train_r_end"]) != float(records[0]["train_r_end"])
+    assert written["figure"].stat().st_size > 20_000
+
+
+def test_compare_command(tmp_path):
+    a = fake_workdir(tmp_path / "a" / "run", "dpo")
+    b = fake_workdir(tmp_path / "b" / "run", "sft")
+    result = CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "a/run" in (tmp_path / "out" / "compare.md").read_text()  # same folder names: parents added
+    missing = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a trained regdpo workdir" in missing.output
