@@ -9,7 +9,7 @@ import pytest
 from regdpo.data.video import read_frames
 from regdpo.eval.contents import report_blocks, training_observations
 from regdpo.eval.plots import ema, load_metrics, plot_denoise_error, plot_training_curves
-from regdpo.eval.report import TINY_WARNING, render_markdown, write_report_files
+from regdpo.eval.report import TINY_WARNING, render_markdown, write_report
 from regdpo.eval.samples import write_contact_sheet, write_sample_grid
 from tests.test_eval_fixtures import sample_sets, summary_with_samples, train_rows
 
@@ -32,7 +32,7 @@ def report(tmp_path_factory):
     plot_denoise_error(summary, out / "denoise_error.png")
     write_contact_sheet(sets, out / "samples.png")
     write_sample_grid(sets, out / "samples.mp4", 8)
-    return write_report_files(out, blocks)
+    return write_report(out, blocks)
 
 
 def test_report_puts_the_verdict_first_and_says_when_the_model_is_a_toy(report):

@@ -17,7 +17,7 @@ import torch
 
 from regdpo.data.shards import conditioning
 from regdpo.eval.stats import Interval, mean_interval, proportion_interval, shifted, verdict
-from regdpo.flow_matching import noisy_and_target, pair_noise
+from regdpo.flow_matching import pair_noise
 from regdpo.losses import per_sample_error
 
 MODELS = ("base", "tuned")
@@ -31,19 +31,23 @@ def _pair_generator(seed: int, key: str) -> torch.Generator:
 @torch.no_grad()
 def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], timesteps: list[float], seed: int
                 ) -> list[dict[str, Any]]:
-    """One row per (pair, t): err_{base,tuned}_{w,l}. `use("base" | "tuned")` returns the spec
-    set up to predict as that model (see stages/evaluate.py's BaseAndTuned)."""
-    spec = use("base")
+    """One row per (pair, t): err_{base,tuned}_{w,l}.
+
+    `use("base" | "tuned")` returns that model bound to its spec (`spec.bind(denoiser)`: device,
+    noisy_and_target, predict); it is called right before each model's forward pass, so a LoRA
+    toggle behind it is always in the state asked for.
+    """
     rows = []
     for pair in pairs:
-        x_w = pair["latents_w"][None].to(spec.device, torch.float32)
-        x_l = pair["latents_l"][None].to(spec.device, torch.float32)
-        cond = {k: torch.cat([v[None], v[None]]).to(spec.device) for k, v in conditioning(pair).items()}
+        model = use("base")
+        x_w = pair["latents_w"][None].to(model.device, torch.float32)
+        x_l = pair["latents_l"][None].to(model.device, torch.float32)
+        cond = {k: torch.cat([v[None], v[None]]).to(model.device) for k, v in conditioning(pair).items()}
         noise = pair_noise(x_w, _pair_generator(seed, pair["key"]))
         for t_val in timesteps:
-            t = torch.full((1,), t_val, device=spec.device)
-            xt_w, y_w = noisy_and_target(spec.prediction_type, x_w, noise, t)
-            xt_l, y_l = noisy_and_target(spec.prediction_type, x_l, noise, t)
+            t = torch.full((1,), t_val, device=model.device)
+            xt_w, y_w = model.noisy_and_target(x_w, noise, t)
+            xt_l, y_l = model.noisy_and_target(x_l, noise, t)
             noisy, target, t2 = torch.cat([xt_w, xt_l]), torch.cat([y_w, y_l]), torch.cat([t, t])
             row = {"key": pair["key"], "t": t_val}
             for name in MODELS:

@@ -34,11 +34,6 @@ PANELS = (
 )
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The readable rows of train/metrics.jsonl (see load_metrics)."""
-    return load_metrics(path)[0]
-
-
 def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """train/metrics.jsonl as a list of {key: float}, and how many lines could not be read.
 
@@ -196,27 +191,3 @@ def plot_denoise_error(summary: dict[str, Any], out: str | Path) -> Path:
     plt.close(fig)
     return Path(out)
 
-
-# ---- kept until the evaluate stage uses samples.write_contact_sheet ----
-
-def plot_sample_frames(samples: list[dict[str, Any]], out: Path, num_frames_shown: int = 4) -> Path:
-    """A contact sheet: per held-out clip, rows real / base / tuned, a few frames across time."""
-    rows = [(s["clip_id"], name, s["videos"][name]) for s in samples for name in ("real", "base", "tuned")]
-    cols = min(num_frames_shown, len(rows[0][2]))
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 1.8 * len(rows)), squeeze=False)
-    for r, (clip_id, name, frames) in enumerate(rows):
-        picks = [round(i * (len(frames) - 1) / max(cols - 1, 1)) for i in range(cols)]
-        for c, k in enumerate(picks):
-            ax = axes[r][c]
-            ax.imshow(frames[k])
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(f"{clip_id[:8]}\n{name}", fontsize=8)
-            if r == 0:
-                ax.set_title(f"frame {k}", fontsize=8)
-    fig.suptitle("held-out clips: real vs base vs tuned (same seed)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out

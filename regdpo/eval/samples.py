@@ -99,7 +99,7 @@ def write_contact_sheet(samples: list[SampleSet], out: str | Path, *, num_frames
     cols = min(num_frames_shown, num_frames)
     picks = [round(i * (num_frames - 1) / max(cols - 1, 1)) for i in range(cols)]
     rows = [(s, name) for s in samples for name in COLUMNS]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.0 * cols + 1.6, 2.0 * len(rows) * h / w + 0.8 * len(samples)),
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.0 * cols + 1.4, 1.75 * len(rows) * h / w + 0.9),
                              squeeze=False)
     for r, (s, name) in enumerate(rows):
         for c, k in enumerate(picks):

@@ -1,94 +1,176 @@
-"""Evaluate stage: base vs tuned on held-out pairs; metrics, plots, samples, report.
+"""Evaluate stage: the tuned model against its base on the held-out pairs; verdicts and a report.
 
-Reads shards/ (heldout split), train/ (final weights, metrics.jsonl); writes eval/metrics.json,
-eval/report.md, eval/training_curves.png, eval/denoise_error.png, eval/samples/*.mp4.
+Reads shards/ (heldout split), train/ (final weights, metrics.jsonl, config.yaml) and the
+real held-out clips in ingest/clips/. Writes into eval/:
+  metrics.json            every number, with intervals and verdicts (regdpo/eval/metrics.py)
+  pair_errors.jsonl       the raw denoising errors, one line per (pair, t)
+  report.md, report.html  the report (the HTML embeds its images and the sample video)
+  training_curves.png, denoise_error.png, samples.png, samples.mp4
+  samples/<clip_id>-{base,tuned}.mp4
+
+Two passes:
+1. Errors: the denoiser alone (the pairs are pre-encoded), base and tuned on the same latents,
+   timesteps and noise.
+2. Samples (loads the VAE and the text encoder): base and tuned generate for the first
+   `evaluate.samples.num_samples` held-out captions with the same seed per caption, with
+   evaluation's own sampler settings; then the Fréchet distance and temporal consistency
+   against the real clips.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import yaml
+from tqdm.auto import tqdm
+
 from regdpo.config import Config
-from regdpo.stages.runner import StageContext
 from regdpo.data.shards import iter_pairs, shard_urls
 from regdpo.data.video import read_frames, write_mp4
+from regdpo.eval.contents import report_blocks
+from regdpo.eval.distribution import sample_metrics
+from regdpo.eval.features import load_feature_extractor
 from regdpo.eval.metrics import pair_errors, summarize
-from regdpo.eval.plots import plot_denoise_error, plot_sample_frames, plot_training_curves, read_metrics
-from regdpo.eval.report import write_report
+from regdpo.eval.plots import load_metrics, plot_denoise_error, plot_training_curves
+from regdpo.eval.report import Block, write_report
+from regdpo.eval.samples import SampleSet, write_contact_sheet, write_sample_grid
+from regdpo.models.base import LORA_WEIGHT_NAME
 from regdpo.stages.common import load_spec
+from regdpo.stages.runner import StageContext
 
-NUM_SAMPLE_VIDEOS = 2
+MODELS = ("base", "tuned")
 
 
 class BaseAndTuned:
     """The base and the tuned denoiser over one spec: `use("base" | "tuned")` binds one.
 
-    LoRA runs toggle the adapters of train/final on one denoiser (no second copy); full
-    fine-tuning loads the transformer saved in train/final/transformer beside the base one.
-    Only the denoiser is built here; samples load the VAE and text encoder when they need them.
+    LoRA runs load train/final into one denoiser and toggle its adapters (off = the base
+    weights exactly, no second copy); full fine-tuning loads train/final/transformer beside a
+    fresh base denoiser. Only denoisers are built here.
     """
 
-    def __init__(self, cfg: Config, workdir: Path):
-        self.spec = load_spec(cfg)
+    def __init__(self, spec, cfg: Config, workdir: Path):
+        self.spec = spec
         final = workdir / "train" / "final"
-        base = self.spec.load_denoiser()
-        self._lora = cfg.train.finetune == "lora"
-        if self._lora:
-            self.spec.add_lora(base, cfg.train.lora)
-            self.spec.load_lora(base, final)
-            self._models = {"base": base.eval(), "tuned": base}
+        base = spec.load_denoiser()
+        self.lora = cfg.train.finetune == "lora"
+        if self.lora:
+            if not (final / LORA_WEIGHT_NAME).is_file():
+                raise FileNotFoundError(f"{final / LORA_WEIGHT_NAME} not found: run train first")
+            spec.add_lora(base, cfg.train.lora)
+            spec.load_lora(base, final)
+            self._models = {"base": base, "tuned": base}
         else:
-            tuned = type(base).from_pretrained(final / "transformer", torch_dtype=self.spec.dtype).to(self.spec.device)
-            self._models = {"base": base, "tuned": tuned.eval()}
+            path = final / "transformer"
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path} holds no transformer: run train first (train.finetune: full)")
+            tuned = type(base).from_pretrained(str(path), torch_dtype=spec.dtype, local_files_only=True)
+            self._models = {"base": base, "tuned": tuned.to(spec.device).eval()}
 
     def use(self, which: str):
+        if which not in MODELS:
+            raise ValueError(f"use() takes 'base' or 'tuned', got {which!r}")
         denoiser = self._models[which]
-        if self._lora:
+        if self.lora:
             self.spec.set_adapters_enabled(denoiser, which == "tuned")
         return self.spec.bind(denoiser)
 
+    def describe(self) -> dict[str, str]:
+        if self.lora:
+            return {"base": "the base weights (train/final's LoRA adapters switched off)",
+                    "tuned": "the base weights + the LoRA in train/final"}
+        return {"base": "the base weights", "tuned": "the full transformer in train/final/transformer"}
 
-def _samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path
-             ) -> list[dict[str, Any]]:
-    """Base and tuned videos for the first held-out captions, same seed: eval/samples/<id>-{base,tuned}.mp4.
 
-    Returns, per clip, its id, caption and the frames of the real clip, the base and the tuned video.
-    """
-    v, g = cfg.video, cfg.generate
+def sample_seed(seed: int, clip_id: str) -> int:
+    """The sampling seed of a held-out caption: the same for base and tuned, independent of
+    which other captions are sampled, and different from the seed of its negative."""
+    return int(hashlib.sha256(f"evaluate:{seed}:{clip_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+
+
+def _generate_samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path
+                      ) -> list[SampleSet]:
+    """Base and tuned videos for the first held-out captions (eval/samples/<id>-{base,tuned}.mp4)."""
+    s, v = cfg.evaluate.samples, cfg.video
+    chosen = pairs[: s.num_samples]
+    if not chosen:
+        return []
     (out / "samples").mkdir(exist_ok=True)
-    made = []
-    for pair in pairs[:NUM_SAMPLE_VIDEOS]:
-        caption, cid = pair["meta"]["caption"], pair["key"]
-        real = read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4")
-        first = real[None, 0] if models.spec.needs_first_frame else None
-        videos = {"real": real}
-        for name in ("base", "tuned"):
-            videos[name] = models.use(name).generate(
-                [caption], [cfg.evaluate.seed], num_frames=v.num_frames, height=v.height, width=v.width,
-                num_inference_steps=g.num_inference_steps, guidance_scale=g.guidance_scale,
-                negative_prompt=g.negative_prompt, first_frames=first, flow_shift=g.flow_shift)[0]
-            write_mp4(out / "samples" / f"{cid}-{name}.mp4", videos[name], v.fps)
-        made.append({"clip_id": cid, "caption": caption, "videos": videos})
-    return made
+    ids = [p["key"] for p in chosen]
+    captions = [p["meta"]["caption"] for p in chosen]
+    seeds = [sample_seed(s.seed, cid) for cid in ids]
+    real = [read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4") for cid in ids]
+    videos: dict[str, list[np.ndarray]] = {}
+    batch = cfg.generate.batch_size
+    with tqdm(total=2 * len(chosen), desc="evaluate samples", unit="video") as bar:
+        for name in MODELS:
+            videos[name] = []
+            for i in range(0, len(chosen), batch):
+                first = np.stack([r[0] for r in real[i:i + batch]]) if models.spec.needs_first_frame else None
+                videos[name] += list(models.use(name).generate(
+                    captions[i:i + batch], seeds[i:i + batch], num_frames=v.num_frames, height=v.height,
+                    width=v.width, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+                    negative_prompt=s.negative_prompt, first_frames=first, flow_shift=s.flow_shift))
+                bar.update(len(captions[i:i + batch]))
+    sets = []
+    for i, cid in enumerate(ids):
+        for name in MODELS:
+            write_mp4(out / "samples" / f"{cid}-{name}.mp4", videos[name][i], v.fps)
+        sets.append(SampleSet(cid, captions[i], seeds[i], {"real": real[i], **{n: videos[n][i] for n in MODELS}}))
+    return sets
+
+
+def _identical_predictions(rows: list[dict[str, Any]]) -> bool:
+    return all(r["err_base_w"] == r["err_tuned_w"] and r["err_base_l"] == r["err_tuned_l"] for r in rows)
 
 
 def build(ctx: StageContext) -> dict[str, Any]:
     cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
-    models = BaseAndTuned(cfg, workdir)
+    ev = cfg.evaluate
     pairs = list(iter_pairs(shard_urls(workdir / "shards", "heldout")))
-    summary = summarize(pair_errors(models.use, pairs, cfg.evaluate.timesteps, cfg.evaluate.seed))
+    if not pairs:
+        raise ValueError(f"{workdir / 'shards'}: the heldout split has no pairs; set ingest.min_heldout >= 1 "
+                         "(and rerun ingest) to evaluate")
+    spec = load_spec(cfg)
+    models = BaseAndTuned(spec, cfg, workdir)
+    boot = ev.bootstrap
+    rows = pair_errors(models.use, pairs, ev.timesteps, ev.seed)
+    (out / "pair_errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(rows, num_resamples=boot.num_resamples, confidence=boot.confidence, seed=boot.seed)
+    summary["models"] = models.describe()
+    summary["identical_predictions"] = _identical_predictions(rows)
+
+    sets = _generate_samples(models, cfg, workdir, pairs, out)
+    plots = {"training": "training_curves.png", "denoise": "denoise_error.png"}
+    files: dict[str, str] = {}
+    if sets:
+        extractor = load_feature_extractor(ev.feature_extractor, device=str(spec.device))
+        m = sample_metrics([s.videos["real"] for s in sets], {n: [s.videos[n] for s in sets] for n in MODELS},
+                           extractor, num_resamples=boot.num_resamples, set_resamples=boot.set_resamples,
+                           confidence=boot.confidence, seed=boot.seed, min_sets=boot.min_clips_for_sets)
+        summary["sample_metrics"] = {k: v for k, v in m.items() if k != "verdicts"}
+        summary["verdicts"] = summary["verdicts"] + m["verdicts"]
+        note = "tiny random-init model: its samples are not expected to look like video" if cfg.model.preset else ""
+        plots["samples"] = write_contact_sheet(sets, out / "samples.png", note=note).name
+        files["grid"] = write_sample_grid(sets, out / "samples.mp4", cfg.video.fps).name
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
 
-    train_metrics = read_metrics(workdir / "train" / "metrics.jsonl")
-    train_record = json.loads((workdir / "train" / "stage.json").read_text())
-    plots = [plot_training_curves(train_metrics, out / "training_curves.png").name,
-             plot_denoise_error(summary, out / "denoise_error.png").name]
-    samples = _samples(models, cfg, workdir, pairs, out)
-    if samples:
-        plots.append(plot_sample_frames(samples, out / "samples.png").name)
-    write_report(out, summary, train_record.get("summary", {}), train_metrics[-1] if train_metrics else None,
-                 plots, [(s["clip_id"], s["caption"]) for s in samples])
+    train_rows, unread = load_metrics(workdir / "train" / "metrics.jsonl")
+    plot_training_curves(train_rows, out / plots["training"], title=f"training ({cfg.train.objective})")
+    plot_denoise_error(summary, out / plots["denoise"])
+    blocks = report_blocks(
+        summary=summary, config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), is_tiny=cfg.model.preset == "tiny",
+        beta=cfg.train.beta, train_rows=train_rows, unread_lines=unread, plots=plots,
+        samples=[{"clip_id": s.clip_id, "caption": s.caption, "seed": s.seed, "tuned_vs_base": s.tuned_vs_base()}
+                 for s in sets], sample_files=files)
+    if summary["identical_predictions"]:
+        blocks.insert(1, Block("warn", "Base and tuned gave identical predictions on every held-out pair: train/final "
+                                       "changed nothing, or the comparison is not between two different models."))
+    write_report(out, blocks)
     return {"num_pairs": summary["num_pairs"], "implicit_acc": summary["implicit_acc"],
-            "win_gap": summary["win_gap"], "lose_gap": summary["lose_gap"]}
+            "win_gap": summary["win_gap"], "lose_gap": summary["lose_gap"],
+            "verdicts": {v["metric"]: v["verdict"] for v in summary["verdicts"]}}
