@@ -9,16 +9,16 @@ import pytest
 from regdpo.data.video import read_frames
 from regdpo.eval.contents import report_blocks, training_observations
 from regdpo.eval.plots import ema, load_metrics, plot_denoise_error, plot_training_curves
-from regdpo.eval.report import TINY_WARNING, render_markdown, write_report
+from regdpo.eval.report import TINY_WARNING, render_markdown, toy_warning, write_report
 from regdpo.eval.samples import write_contact_sheet, write_sample_grid
 from tests.test_eval_fixtures import sample_sets, summary_with_samples, train_rows
 
 
-def _blocks(is_tiny=True, with_files=True):
+def _blocks(toy_note=TINY_WARNING, with_files=True):
     summary, sets = summary_with_samples(2)
     names = {"training": "training_curves.png", "denoise": "denoise_error.png", "samples": "samples.png"}
     return report_blocks(
-        summary=summary, config_yaml="model:\n  preset: tiny\n", is_tiny=is_tiny, beta=1000.0, train_rows=train_rows(80),
+        summary=summary, config_yaml="model:\n  preset: tiny\n", toy_note=toy_note, beta=1000.0, train_rows=train_rows(80),
         unread_lines=0, plots=names if with_files else {},
         samples=[{"clip_id": s.clip_id, "caption": s.caption, "seed": s.seed, "tuned_vs_base": s.tuned_vs_base()}
                  for s in sets], sample_files={"grid": "samples.mp4"} if with_files else {}), summary, sets
@@ -49,7 +49,13 @@ def test_report_puts_the_verdict_first_and_says_when_the_model_is_a_toy(report):
 
 
 def test_a_real_model_report_has_no_toy_warning():
-    assert TINY_WARNING not in render_markdown(_blocks(is_tiny=False, with_files=False)[0])
+    assert TINY_WARNING not in render_markdown(_blocks(toy_note=None, with_files=False)[0])
+
+
+def test_toy_models_are_named_as_such_whatever_their_origin():
+    assert toy_warning("tiny", 10**9) == TINY_WARNING
+    assert "0.05M parameters" in toy_warning(None, 50_000)  # a tiny model saved as a model directory
+    assert toy_warning(None, 1_300_000_000) is None
 
 
 def test_html_is_self_contained(report):

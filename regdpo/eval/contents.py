@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from regdpo.eval.plots import LN2, ema, equal_series, series
-from regdpo.eval.report import TINY_WARNING, Block, fmt, headline, timestep_table, verdict_table
+from regdpo.eval.report import Block, fmt, headline, timestep_table, verdict_table
 
 LAST_STEP_KEYS = ("loss", "dpo_loss", "sft_loss", "s", "dgr", "r", "win_gap", "lose_gap", "implicit_acc")
 
@@ -57,15 +57,16 @@ def training_observations(rows: list[dict[str, Any]], beta: float) -> list[str]:
     return notes
 
 
-def report_blocks(*, summary: dict[str, Any], config_yaml: str, is_tiny: bool, beta: float,
+def report_blocks(*, summary: dict[str, Any], config_yaml: str, toy_note: str | None, beta: float,
                   train_rows: list[dict[str, Any]], unread_lines: int, plots: dict[str, str],
                   samples: list[dict[str, Any]], sample_files: dict[str, str]) -> list[Block]:
-    """`plots`: {"training": png, "denoise": png, "samples": png} (names relative to the report);
+    """`toy_note`: the warning a toy-sized model's report opens with (report.toy_warning), or None;
+    `plots`: {"training": png, "denoise": png, "samples": png} (names relative to the report);
     `samples`: per caption {clip_id, caption, seed, tuned_vs_base}; `sample_files`: {"grid": mp4}."""
     n = summary["num_pairs"]
     blocks = [Block("h1", "regdpo evaluation report")]
-    if is_tiny:
-        blocks.append(Block("warn", TINY_WARNING))
+    if toy_note:
+        blocks.append(Block("warn", toy_note))
     rows = summary["verdicts"]
     blocks += [
         Block("h2", "Verdict: tuned against base"),

@@ -21,6 +21,19 @@ MAX_EMBEDDED_VIDEO = 8 * 2**20  # bytes; larger grids are linked, not embedded
 
 TINY_WARNING = ("This run uses the tiny random-init preset (model.preset: tiny): the numbers below exercise the "
                 "pipeline and say nothing about video quality. Its samples are not expected to look like video.")
+# Real video denoisers have billions of parameters (Wan 2.1: 1.3B and 14B); anything under this
+# is a toy whatever its origin (the tiny preset, or a tiny model saved as a directory).
+TOY_PARAMETERS = 50_000_000
+
+
+def toy_warning(preset: str | None, num_parameters: int) -> str | None:
+    """The report's first line for a toy model, or None for a real one."""
+    if preset == "tiny":
+        return TINY_WARNING
+    if num_parameters < TOY_PARAMETERS:
+        return (f"This model's denoiser has {num_parameters / 1e6:.2g}M parameters, a toy size (real video models have "
+                "billions): the numbers below exercise the pipeline and say nothing about video quality.")
+    return None
 
 
 def fmt(x: float | None) -> str:

@@ -36,7 +36,7 @@ from regdpo.eval.distribution import sample_metrics
 from regdpo.eval.features import load_feature_extractor
 from regdpo.eval.metrics import pair_errors, summarize
 from regdpo.eval.plots import load_metrics, plot_denoise_error, plot_training_curves
-from regdpo.eval.report import Block, write_report
+from regdpo.eval.report import Block, toy_warning, write_report
 from regdpo.eval.samples import SampleSet, write_contact_sheet, write_sample_grid
 from regdpo.models.base import LORA_WEIGHT_NAME
 from regdpo.stages.common import load_spec
@@ -70,6 +70,11 @@ class BaseAndTuned:
                 raise FileNotFoundError(f"{path} holds no transformer: run train first (train.finetune: full)")
             tuned = type(base).from_pretrained(str(path), torch_dtype=spec.dtype, local_files_only=True)
             self._models = {"base": base, "tuned": tuned.to(spec.device).eval()}
+
+    @property
+    def num_parameters(self) -> int:
+        """The base denoiser's size (LoRA weights not counted)."""
+        return sum(p.numel() for n, p in self._models["base"].named_parameters() if "lora_" not in n)
 
     def use(self, which: str):
         if which not in MODELS:
@@ -144,6 +149,7 @@ def build(ctx: StageContext) -> dict[str, Any]:
     summary["models"] = models.describe()
     summary["identical_predictions"] = _identical_predictions(rows)
 
+    toy_note = toy_warning(cfg.model.preset, models.num_parameters)
     sets = _generate_samples(models, cfg, workdir, pairs, out)
     plots = {"training": "training_curves.png", "denoise": "denoise_error.png"}
     files: dict[str, str] = {}
@@ -154,7 +160,7 @@ def build(ctx: StageContext) -> dict[str, Any]:
                            confidence=boot.confidence, seed=boot.seed, min_sets=boot.min_clips_for_sets)
         summary["sample_metrics"] = {k: v for k, v in m.items() if k != "verdicts"}
         summary["verdicts"] = summary["verdicts"] + m["verdicts"]
-        note = "tiny random-init model: its samples are not expected to look like video" if cfg.model.preset else ""
+        note = "toy-sized model: its samples are not expected to look like video" if toy_note else ""
         plots["samples"] = write_contact_sheet(sets, out / "samples.png", note=note).name
         files["grid"] = write_sample_grid(sets, out / "samples.mp4", cfg.video.fps).name
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -163,8 +169,8 @@ def build(ctx: StageContext) -> dict[str, Any]:
     plot_training_curves(train_rows, out / plots["training"], title=f"training ({cfg.train.objective})")
     plot_denoise_error(summary, out / plots["denoise"])
     blocks = report_blocks(
-        summary=summary, config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), is_tiny=cfg.model.preset == "tiny",
-        beta=cfg.train.beta, train_rows=train_rows, unread_lines=unread, plots=plots,
+        summary=summary, config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+        toy_note=toy_note, beta=cfg.train.beta, train_rows=train_rows, unread_lines=unread, plots=plots,
         samples=[{"clip_id": s.clip_id, "caption": s.caption, "seed": s.seed, "tuned_vs_base": s.tuned_vs_base()}
                  for s in sets], sample_files=files)
     if summary["identical_predictions"]:
