@@ -20,8 +20,8 @@ import typer
 import yaml
 
 from regdpo.config import Config, ConfigError, load_config
-from regdpo.stages import STAGE, STAGES, StageInputError, check_inputs, order
-from regdpo.stages.runner import expected_fingerprint, read_stage_record, stage_dir
+from regdpo.stages import STAGE, STAGES, StageInputError, check_inputs, order, stage_state
+from regdpo.stages.runner import read_stage_record, stage_dir
 
 app = typer.Typer(
     help="GT-Pair preference data and Reg-DPO fine-tuning for video diffusion models.",
@@ -120,32 +120,21 @@ def run(
 
 
 def _states(cfg: Config) -> dict[str, tuple[str, str]]:
-    """(current | stale | missing, why) per stage, from the stage.json files.
+    """(current | stale | missing, why) per stage (regdpo.stages.stage_state).
 
     Staleness is transitive: a stage whose input stage would rerun will rerun too, even though
-    its recorded fingerprint still matches the input's old output.
+    it is current against the input's published output.
     """
     states: dict[str, tuple[str, str]] = {}
     for name in STAGES:
-        rec = read_stage_record(cfg.workdir, name)
-        if rec is None:
-            partial = Path(cfg.workdir) / f".{stage_dir(cfg.workdir, name).name}.partial"
-            resumable = STAGE[name].resumable and partial.is_dir()
-            states[name] = ("missing", "interrupted run present (resumes)" if resumable else "")
-            continue
-        try:
-            fingerprint, _ = expected_fingerprint(cfg, name)
-        except StageInputError:
-            states[name] = ("stale", "its inputs are missing")
-            continue
+        state, why = stage_state(cfg, name)
         redo = [up for up in STAGE[name].inputs if states[up][0] != "current"]
-        if redo:
-            states[name] = ("stale", f"reruns after {', '.join(redo)}")
-        elif rec["fingerprint"] != fingerprint:
-            states[name] = ("stale", "settings or inputs changed since it ran")
-        else:
-            summary = _summary_text(rec.get("summary", {}))
-            states[name] = ("current", f"{rec.get('finished_at', '')}  {summary}".strip())
+        if state == "current" and redo:
+            state, why = "stale", f"reruns after {', '.join(redo)}"
+        elif state == "current":
+            rec = read_stage_record(cfg.workdir, name) or {}
+            why = f"{rec.get('finished_at', '')}  {_summary_text(rec.get('summary', {}))}".strip()
+        states[name] = (state, why)
     return states
 
 

@@ -45,9 +45,11 @@ ingest: {manifest: ./manifest.csv}
 
 @pytest.fixture
 def config_path(tmp_path: Path) -> Path:
-    """A valid tiny config in tmp_path (workdir tmp_path/run; the manifest need not exist)."""
+    """A valid tiny config in tmp_path (workdir tmp_path/run) and a two-row manifest.csv beside it
+    (the videos need not exist: fake stages read only the rows)."""
     p = tmp_path / "config.yaml"
     p.write_text(TINY_CONFIG)
+    (tmp_path / "manifest.csv").write_text("path,caption\na.mp4,a cat\nb.mp4,a dog\n")
     return p
 
 

@@ -46,6 +46,7 @@ def test_run_single_stage_without_inputs_says_what_to_run(config_path, fake_buil
 
 
 def test_status(config_path, fake_builders):
+    (config_path.parent / "manifest.csv").write_text("path,caption\na.mp4,a cat\n")
     result = runner.invoke(app, ["status", str(config_path)])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
@@ -83,7 +84,7 @@ def test_run_through_prefect_prints_stages_and_report(config_path, fake_builders
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if line.split()[0] in STAGES]
     assert [line.split()[:2] for line in lines] == [[s, "ran"] for s in STAGES]
-    assert "num_items=3" in lines[0]
+    assert "num_items=2" in lines[0]
     report = stage_dir(load_config(config_path).workdir, "evaluate") / "report.md"
     assert f"report: {report}" in result.stdout
     assert fake_builders == list(STAGES)
@@ -114,7 +115,7 @@ def test_stage_input_problem_is_a_message_not_a_traceback(config_path, monkeypat
     def build(ctx):
         raise ValueError("manifest.csv: no clip was accepted; fix or replace these inputs")
 
-    monkeypatch.setattr(stages, "get_builder", lambda name: build)
+    monkeypatch.setattr(stages, "get_impl", lambda name: build)
     result = runner.invoke(app, ["run", str(config_path), "--stage", "ingest"])
     assert result.exit_code == 1
     # Prefect logs the traceback with the flow run; the command itself ends on the plain message

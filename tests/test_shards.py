@@ -7,21 +7,18 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as st_load
 
-from regdpo.data.shards import (ShardWriter, encode_sample, iter_pairs, list_members, read_index, shard_urls,
-                                tensor_summary, write_index)
+from regdpo.data.shards import encode_sample, iter_pairs, list_members, read_index, shard_urls, write_pairs
 from regdpo.train.data import pair_stream
 
 
 def _write(root, n=5, per_shard=2):
-    w = ShardWriter(root / "train", per_shard)
-    pairs = {}
+    pairs, samples = {}, []
     for i in range(n):
         t = {"latents_w": torch.randn(4, 3, 2, 2), "latents_l": torch.randn(4, 3, 2, 2), "prompt_embeds": torch.randn(6, 8)}
         key = f"clip{i:04d}"
         pairs[key] = t
-        w.write(encode_sample(key, t, {"caption": f"caption {i}", "clip_id": key}))
-    w.close()
-    write_index(root, {"train": w.shards}, tensor_summary(t), {"base_model": "abc"})
+        samples.append(encode_sample(key, t, {"caption": f"caption {i}", "clip_id": key}))
+    write_pairs(root, {"train": samples}, per_shard)
     return pairs
 
 

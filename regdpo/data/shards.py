@@ -17,16 +17,18 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-import webdataset as wds
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch, safetensors.torch and webdataset (which imports torch) are imported
+    import torch   # where tensors are made or read, so planning and `regdpo status` stay light
 
 SHARD_PATTERN = "pairs-%06d.tar"
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """A WebDataset sample dict: tensors as safetensors bytes, meta as JSON bytes."""
+    from safetensors.torch import save as st_save
+
     if "." in key:
         raise ValueError(f"sample key {key!r} contains a dot; WebDataset splits keys at dots")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -39,64 +41,73 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, An
 
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Inverse of `encode_sample`: {"key", "meta", **tensors}."""
+    from safetensors.torch import load as st_load
+
     tensors = st_load(sample["pair.safetensors"])
     return {"key": sample["__key__"], "meta": json.loads(sample["meta.json"]), **tensors}
 
 
 def conditioning(pair: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The conditioning tensors of a decoded pair or batch: every tensor but the two latents."""
+    import torch
+
     return {k: v for k, v in pair.items() if torch.is_tensor(v) and k not in ("latents_w", "latents_l")}
 
 
-class ShardWriter:
-    """Writes samples into numbered shards of at most `samples_per_shard` pairs each."""
-
-    def __init__(self, directory: str | Path, samples_per_shard: int):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.samples_per_shard = samples_per_shard
-        self.counts: list[int] = []
-        self._tar: wds.TarWriter | None = None
-
-    def write(self, sample: dict[str, Any]) -> None:
-        if self._tar is None or self.counts[-1] >= self.samples_per_shard:
-            self._next()
-        self._tar.write(sample)
-        self.counts[-1] += 1
-
-    def _next(self) -> None:
-        self.close()
-        path = self.directory / (SHARD_PATTERN % len(self.counts))
-        self._tar = wds.TarWriter(str(path))
-        self.counts.append(0)
-
-    def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-    @property
-    def shards(self) -> list[dict[str, Any]]:
-        return [{"path": SHARD_PATTERN % i, "num_samples": n} for i, n in enumerate(self.counts)]
+def shard_number(rel: str) -> int:
+    """N of ".../pairs-NNNNNN.tar"."""
+    return int(Path(rel).stem.rsplit("-", 1)[1])
 
 
-def write_index(shards_root: Path, splits: dict[str, list[dict[str, Any]]], tensors: dict[str, dict[str, Any]],
-                fingerprints: dict[str, str]) -> Path:
-    """shards/index.json: per split shard list with counts, tensor shapes/dtypes, fingerprints."""
-    index = {
-        "format": "regdpo-pairs/1",
+def write_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> Path:
+    """One tar of samples (dicts with __key__ and byte members, as `encode_sample` makes)."""
+    import webdataset as wds
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        writer = wds.TarWriter(f)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+    return path
+
+
+def build_index(entries: Iterable[dict[str, Any]], tensors: dict[str, Any]) -> dict[str, Any]:
+    """shards/index.json from one entry per pair ({pair_id, split, shard}): per split, its shards
+    (path relative to shards/, num_samples, pair ids) in shard order; tensor shapes/dtypes."""
+    by_split: dict[str, dict[str, list[str]]] = {}
+    for e in entries:
+        by_split.setdefault(e["split"], {}).setdefault(e["shard"], []).append(e["pair_id"])
+    return {
+        "format": "regdpo-pairs/2",
         "splits": {
-            split: {
-                "num_samples": sum(s["num_samples"] for s in shards),
-                "shards": [{**s, "path": f"{split}/{s['path']}"} for s in shards],
-            }
-            for split, shards in splits.items()
+            split: {"num_samples": sum(len(p) for p in by.values()),
+                    "shards": [{"path": path, "num_samples": len(by[path]), "pairs": sorted(by[path])}
+                               for path in sorted(by, key=shard_number)]}
+            for split, by in sorted(by_split.items())
         },
         "tensors": tensors,
-        "fingerprints": fingerprints,
     }
-    path = shards_root / "index.json"
-    path.write_text(json.dumps(index, indent=2))
+
+
+def write_pairs(root: str | Path, samples_by_split: dict[str, list[dict[str, Any]]], samples_per_shard: int) -> Path:
+    """Shards and index.json for a whole set of encoded samples at once (tests, benchmarks, tools;
+    the encode stage adds shards incrementally instead)."""
+    root = Path(root)
+    entries, tensors = [], {}
+    for split, samples in samples_by_split.items():
+        for n, i in enumerate(range(0, len(samples), samples_per_shard)):
+            rel = f"{split}/{SHARD_PATTERN % n}"
+            chunk = samples[i:i + samples_per_shard]
+            write_shard(root / rel, chunk)
+            entries += [{"pair_id": s["__key__"], "split": split, "shard": rel} for s in chunk]
+            if not tensors and chunk:
+                from safetensors.torch import load as st_load
+
+                tensors = tensor_summary(st_load(chunk[0]["pair.safetensors"]))
+    path = root / "index.json"
+    path.write_text(json.dumps(build_index(entries, tensors), indent=2))
     return path
 
 
@@ -118,6 +129,8 @@ def shard_urls(shards_root: str | Path, split: str) -> list[str]:
 
 def iter_pairs(urls: Iterable[str]) -> Iterator[dict[str, Any]]:
     """Every pair of the given shards in order, decoded (plain webdataset + safetensors)."""
+    import webdataset as wds
+
     urls = list(urls)
     if not urls:
         return iter(())

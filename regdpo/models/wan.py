@@ -271,16 +271,17 @@ class WanSpec(VideoModelSpec):
         return self._latent_stats
 
     @torch.no_grad()
-    def encode_video(self, videos: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def encode_video(self, videos: np.ndarray | torch.Tensor, batch_size: int = 1) -> torch.Tensor:
         """Posterior mode (deterministic), then (z - mean) / std as the Wan pipelines normalise.
-        One video per VAE call: the causal VAE's activations dominate memory at full size."""
+        `batch_size` videos per VAE call (the causal VAE's activations dominate memory at full
+        size; each video's latents do not depend on its batch)."""
         frames_BFHWC = _as_uint8_array(videos, 5, "videos (B, F, H, W, 3)")
         vae = self.latent_model()
         mean, std = self._stats()
         latents = []
-        for video in frames_BFHWC:
-            x = torch.from_numpy(video).to(self.device).permute(3, 0, 1, 2)[None]  # (1, 3, F, H, W)
-            x = x.to(vae.dtype) / 255.0 * 2.0 - 1.0
+        for i in range(0, len(frames_BFHWC), max(1, batch_size)):
+            chunk = torch.from_numpy(frames_BFHWC[i:i + max(1, batch_size)]).to(self.device)
+            x = chunk.permute(0, 4, 1, 2, 3).to(vae.dtype) / 255.0 * 2.0 - 1.0  # (b, 3, F, H, W)
             z = vae.encode(x).latent_dist.mode().float()
             latents.append((z - mean) / std)
         return torch.cat(latents)
@@ -301,12 +302,8 @@ class WanSpec(VideoModelSpec):
         """A diffusers pipeline over every role and `denoiser` (loads the roles not loaded yet).
 
         Built per call with a fresh scheduler (samplers keep per-run state)."""
-        roles = {n: self._role(n) for n in (*self.condition_roles, *self.latent_roles, *self.sampler_roles)}
-        sched = roles.pop("scheduler")
-        key = "flow_shift" if "flow_shift" in sched.config else "shift"
-        overrides = {key: flow_shift} if flow_shift is not None else {}
-        pipe = self.pipeline_cls(**roles, transformer=denoiser,
-                                 scheduler=type(sched).from_config(sched.config, **overrides))
+        roles = {n: self._role(n) for n in (*self.condition_roles, *self.latent_roles)}
+        pipe = self.pipeline_cls(**roles, transformer=denoiser, scheduler=self._scheduler(flow_shift))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -335,23 +332,31 @@ class WanSpec(VideoModelSpec):
     def predict(self, denoiser: torch.nn.Module, noisy_latents_BCFHW: torch.Tensor, t_B: torch.Tensor,
                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
         """Flow velocity v ≈ ε - x0 from `denoiser`. Wan's timestep is the sigma scaled to [0, 1000]."""
-        x = self._model_input(noisy_latents_BCFHW, cond).to(self.device, self.dtype)
-        t = torch.as_tensor(t_B, dtype=torch.float32, device=self.device).reshape(-1).expand(x.shape[0])
+        t = torch.as_tensor(t_B, dtype=torch.float32, device=self.device).reshape(-1).expand(noisy_latents_BCFHW.shape[0])
+        return self._denoise(denoiser, noisy_latents_BCFHW, t * self.timestep_scale, cond)
+
+    # ---- sampling ---------------------------------------------------------------------------
+
+    def _denoise(self, denoiser: torch.nn.Module, x: torch.Tensor, timestep: torch.Tensor,
+                 cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One denoiser call with the schedule's raw timestep (B,) (Wan: sigma x 1000)."""
         image = cond.get("image_embeds")
         out = denoiser(
-            hidden_states=x,
-            timestep=t * self.timestep_scale,
+            hidden_states=self._model_input(x, cond).to(self.device, self.dtype),
+            timestep=timestep,
             encoder_hidden_states=cond["prompt_embeds"].to(self.device, self.dtype),
             encoder_hidden_states_image=None if image is None else image.to(self.device, self.dtype),
             return_dict=False,
         )[0]
         return out.float()
 
-    # ---- sampling ---------------------------------------------------------------------------
+    def _scheduler(self, flow_shift: float | None):
+        """A fresh sampler (schedulers keep per-run state), with generate.flow_shift if set."""
+        sched = self._role("scheduler")
+        key = "flow_shift" if "flow_shift" in sched.config else "shift"
+        return type(sched).from_config(sched.config, **({key: flow_shift} if flow_shift is not None else {}))
 
-    def _pipeline_inputs(self, prompt: str, first_frame: np.ndarray | None) -> dict[str, Any]:
-        return {"prompt_embeds": self._encode_prompts([prompt]).to(self.dtype)}
-
+    @torch.no_grad()
     def generate(
         self,
         denoiser: torch.nn.Module,
@@ -366,28 +371,38 @@ class WanSpec(VideoModelSpec):
         negative_prompt: str = "",
         first_frames: np.ndarray | None = None,
         flow_shift: float | None = None,
-    ) -> np.ndarray:
-        """One pipeline call per prompt with its own CPU generator, so a video depends only on
-        (prompt, seed, settings): not on batch composition, order, or device RNG."""
+        return_latents: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, torch.Tensor]:
+        """Sample every prompt in ONE denoiser call per step, classifier-free guidance batched in
+        (2B rows: conditional then unconditional), as WanPipeline / WanImageToVideoPipeline
+        compute it. Each video's starting noise comes from its own CPU generator, so video i
+        depends only on (prompt i, seeds[i], settings), never on batch composition or order.
+        With `return_latents`, also the final normalised latents (B, C, F', H', W')."""
         if len(prompts) != len(seeds):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
-        frames = None if first_frames is None else _as_uint8_array(first_frames, 4, "first_frames (B, H, W, 3)")
-        negative = None
-        if guidance_scale > 1:
-            negative = self._encode_prompts([negative_prompt]).to(self.dtype)
-        pipe = self.pipeline(denoiser, flow_shift)
-        videos = []
-        for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
-            out = pipe(
-                **self._pipeline_inputs(prompt, None if frames is None else frames[i]),
-                negative_prompt_embeds=negative,
-                height=height, width=width, num_frames=num_frames,
-                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(int(seed)),
-                max_sequence_length=self.max_sequence_length, output_type="np",
-            )
-            videos.append(_to_uint8(np.asarray(out.frames[0])))
-        return np.stack(videos)
+        if self.needs_first_frame and first_frames is None:
+            raise ValueError(f"{self.family} generate needs first_frames (B, H, W, 3) uint8")
+        num = len(prompts)
+        cond = self.encode_condition(prompts, first_frames, num_frames=num_frames)
+        shape = self.latent_shape(num_frames, height, width)
+        latents = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                                           dtype=torch.float32) for seed in seeds]).to(self.device)
+        guided = guidance_scale > 1
+        if guided:  # rows [0, B) conditional, [B, 2B) unconditional (the negative prompt)
+            negative = self._encode_prompts([negative_prompt]).expand(num, -1, -1)
+            cond = {k: torch.cat([v, negative if k == "prompt_embeds" else v]) for k, v in cond.items()}
+        scheduler = self._scheduler(flow_shift)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, latents]) if guided else latents
+            pred = self._denoise(denoiser, x, t.expand(x.shape[0]), cond)
+            if guided:
+                pred_cond, pred_uncond = pred.chunk(2)
+                pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        videos = self.decode(latents)
+        return (videos, latents) if return_latents else videos
 
 
 class WanT2VSpec(WanSpec):
@@ -460,10 +475,3 @@ class WanI2VSpec(WanSpec):
             raise KeyError("wan-i2v predict needs cond['condition_latents'] (from encode_condition)")
         condition = cond["condition_latents"].to(noisy_latents_BCFHW.device, noisy_latents_BCFHW.dtype)
         return torch.cat([noisy_latents_BCFHW, condition], dim=1)
-
-    def _pipeline_inputs(self, prompt: str, first_frame: np.ndarray | None) -> dict[str, Any]:
-        if first_frame is None:
-            raise ValueError("wan-i2v generate needs first_frames (B, H, W, 3) uint8")
-        # The pipeline computes image_embeds from `image` itself (it refuses both); it uses the
-        # same encode_image as `_image_embeds`.
-        return {**super()._pipeline_inputs(prompt, None), "image": Image.fromarray(first_frame)}

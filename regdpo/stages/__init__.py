@@ -43,7 +43,7 @@ def get_impl(name: str) -> Any:
     """Stage `name`'s implementation: `UNITS` of a unit stage, `build` of a whole stage."""
     stage = get_stage(name)
     module = importlib.import_module(f"regdpo.stages.{name}")
-    return module.UNITS if stage.units and hasattr(module, "UNITS") else module.build
+    return module.UNITS if stage.units else module.build
 
 
 def run(cfg: Config, name: str, *, force: bool = False) -> StageResult:

@@ -1,4 +1,4 @@
-"""Small helpers the stages share: reading upstream tables and building the model once."""
+"""Small helpers the stages share: reading upstream tables, choosing devices."""
 
 from __future__ import annotations
 
@@ -29,3 +29,17 @@ def load_spec(cfg: Config):
     from regdpo.models import load_model
 
     return load_model(cfg.model)
+
+
+def resolve_devices(devices: list[str] | None, model_device: str) -> list[str | None]:
+    """Where a stage's device processes run: the configured list, else every visible GPU when
+    model.device is auto/cuda and there are several, else one process on model.device (None)."""
+    if devices:
+        return list(devices)
+    if model_device in ("auto", "cuda"):
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count > 1:
+            return [f"cuda:{i}" for i in range(count)]
+    return [None]

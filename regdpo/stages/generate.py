@@ -1,61 +1,213 @@
-"""Generate stage: the base model's own video for each clip's condition (the GT-Pair loser).
+"""Generate stage: the base model's own videos for each clip's condition (the GT-Pair losers).
 
-Reads ingest/clips.parquet; writes negatives/<clip_id>.mp4 and negatives/negatives.parquet
-(clip_id, seed, sampler settings, base-model fingerprint, path). Text-to-video conditions on
-the caption; image-to-video also on the real clip's first frame. Each clip's seed is derived
-from its clip_id, so a negative does not depend on batch composition or order.
+Reads ingest/clips.parquet; publishes `<workdir>/negatives/`:
+
+    <clip_id>.mp4            the negative (with generate.num_negatives K > 1: <clip_id>_k<k>.mp4)
+    negatives.parquet        one row per negative: negative_id, clip_id, k, seed, sampler
+                             settings, base_model, path, seconds (per-clip generation time)
+
+One unit per clip (its K negatives), keyed by the clip, its caption, the sampler settings, the
+base model (model settings + its files) and the seed. Text-to-video conditions on the caption;
+image-to-video also on the real clip's first frame. Each negative's seed comes from
+(generate.seed, clip_id, k), and the sampler draws each video's noise from its own generator,
+so a negative depends neither on the batch it was sampled in nor on which device or machine
+did it. Several clips share each denoiser call (generate.batch_size videos, classifier-free
+guidance batched in). A video that comes out non-finite or constant fails its unit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from tqdm.auto import tqdm
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from regdpo.config import Config
-from regdpo.stages.runner import StageContext
+from regdpo.config import Config, fingerprint_payload
 from regdpo.data.video import read_frames, write_mp4
-from regdpo.stages.common import load_clips, load_spec
+from regdpo.stages.common import load_clips, resolve_devices
+from regdpo.stages.journal import Transaction
+from regdpo.stages.runner import model_identity
+from regdpo.stages.units import StagePlan, Staging, Unit, UnitStage, UnitWorker, content_key, run_one, stage_folder
+
+log = logging.getLogger(__name__)
+
+NEGATIVE_SCHEMA = pa.schema([
+    ("negative_id", pa.string()), ("clip_id", pa.string()), ("k", pa.int64()), ("seed", pa.int64()),
+    ("num_inference_steps", pa.int64()), ("guidance_scale", pa.float64()), ("negative_prompt", pa.string()),
+    ("flow_shift", pa.float64()), ("base_model", pa.string()), ("path", pa.string()), ("seconds", pa.float64()),
+])
 
 
-def clip_seed(base_seed: int, clip_id: str) -> int:
-    """A 31-bit seed from (generate.seed, clip_id): stable across runs and machines."""
-    digest = hashlib.sha256(f"{base_seed}:{clip_id}".encode()).hexdigest()
+def clip_seed(base_seed: int, clip_id: str, k: int = 0) -> int:
+    """A 31-bit seed from (generate.seed, clip_id, k): stable across runs and machines."""
+    tag = clip_id if k == 0 else f"{clip_id}:{k}"
+    digest = hashlib.sha256(f"{base_seed}:{tag}".encode()).hexdigest()
     return int(digest[:8], 16) & 0x7FFFFFFF
 
 
-def build(ctx: StageContext) -> dict[str, Any]:
-    cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
-    clips = load_clips(workdir)
-    spec = load_spec(cfg)
-    denoiser = spec.load_denoiser()
-    gen, video = cfg.generate, cfg.video
-    rows = []
-    batches = [clips.iloc[i : i + gen.batch_size] for i in range(0, len(clips), gen.batch_size)]
-    with tqdm(total=len(clips), desc="generate negatives", unit="clip") as bar:
-        for batch in batches:
-            seeds = [clip_seed(gen.seed, cid) for cid in batch.clip_id]
-            first_frames = None
-            if spec.needs_first_frame:
-                first_frames = np.stack([read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4")[0] for cid in batch.clip_id])
-            videos = spec.generate(
-                denoiser, list(batch.caption), seeds,
-                num_frames=video.num_frames, height=video.height, width=video.width,
-                num_inference_steps=gen.num_inference_steps, guidance_scale=gen.guidance_scale,
-                negative_prompt=gen.negative_prompt, first_frames=first_frames, flow_shift=gen.flow_shift,
-            )
-            for cid, seed, frames in zip(batch.clip_id, seeds, videos):
-                write_mp4(out / f"{cid}.mp4", frames, video.fps)
-                rows.append({
-                    "clip_id": cid, "seed": seed,
-                    "num_inference_steps": gen.num_inference_steps, "guidance_scale": gen.guidance_scale,
-                    "negative_prompt": gen.negative_prompt, "flow_shift": gen.flow_shift,
-                    "base_model": spec.fingerprint(), "path": f"negatives/{cid}.mp4",
-                })
-            bar.update(len(batch))
-    pd.DataFrame(rows).to_parquet(out / "negatives.parquet", index=False)
-    return {"num_negatives": len(rows), "base_model": spec.fingerprint()}
+def negative_id(clip_id: str, k: int, num_negatives: int) -> str:
+    """The negative's (and its pair's) name: clip_id, or clip_id_k<k> when there are several."""
+    return clip_id if num_negatives == 1 else f"{clip_id}_k{k}"
+
+
+def check_video(frames: np.ndarray, latents_finite: bool) -> str | None:
+    """Why a generated video is unusable (None when it is fine)."""
+    if not latents_finite:
+        return "the sampler produced non-finite values (check generate.guidance_scale and the model weights)"
+    if frames.std() == 0:
+        return f"every frame is one constant colour ({int(frames.flat[0])}): nothing to learn from"
+    return None
+
+
+class GenerateWorker(UnitWorker):
+    """The denoiser (and, as they are used, the text encoder and VAE) on one device."""
+
+    def __init__(self, cfg: Config, workdir: Path, device: str | None):
+        from regdpo.models import load_model
+
+        self.cfg, self.workdir = cfg, workdir
+        model_cfg = cfg.model if device is None else cfg.model.model_copy(update={"device": device})
+        self.spec = load_model(model_cfg)
+        self.denoiser = self.spec.load_denoiser()
+
+    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
+        return self._batch([unit], {unit.key: out})[unit.key]
+
+    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
+        counts = {"done": 0, "failed": 0}
+        todo = [u for u in units if not staging.is_done(u.key)]
+        counts["done"] += len(units) - len(todo)
+        per_call = max(1, self.cfg.generate.batch_size // self.cfg.generate.num_negatives)
+        for i in range(0, len(todo), per_call):
+            batch = todo[i:i + per_call]
+            outs = {u.key: staging.begin(u.key) for u in batch}
+            try:
+                results = self._batch(batch, outs)
+            except Exception as err:  # one bad clip must not fail its neighbours: retry them one by one
+                log.warning("generate: a batch of %d clips failed (%s); retrying them one at a time", len(batch), err)
+                for u in batch:
+                    _remove_dir(outs[u.key])
+                    counts["done" if run_one(self, u, staging) else "failed"] += 1
+                continue
+            for u in batch:
+                result = results[u.key]
+                if "error" in result:
+                    _remove_dir(outs[u.key])
+                    staging.fail(u, result["error"])
+                    counts["failed"] += 1
+                else:
+                    staging.finish(outs[u.key], u, result)
+                    counts["done"] += 1
+        return counts
+
+    def _batch(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Sample every negative of `units` in one generate call; write mp4s into `outs`."""
+        import torch
+
+        gen, video = self.cfg.generate, self.cfg.video
+        prompts, seeds, firsts, owners = [], [], [], []
+        for u in units:
+            first = read_frames(self.workdir / u.spec["clip_path"])[0] if self.spec.needs_first_frame else None
+            for k, seed in enumerate(u.spec["seeds"]):
+                prompts.append(u.spec["caption"])
+                seeds.append(seed)
+                firsts.append(first)
+                owners.append((u, k))
+        start = time.perf_counter()
+        videos, latents = self.spec.generate(
+            self.denoiser, prompts, seeds, num_frames=video.num_frames, height=video.height, width=video.width,
+            num_inference_steps=gen.num_inference_steps, guidance_scale=gen.guidance_scale,
+            negative_prompt=gen.negative_prompt, flow_shift=gen.flow_shift, return_latents=True,
+            first_frames=np.stack(firsts) if self.spec.needs_first_frame else None,
+        )
+        seconds = (time.perf_counter() - start) / len(units)
+        finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist()
+        results: dict[str, dict[str, Any]] = {u.key: {"negatives": [], "files": {}, "seconds": round(seconds, 3)}
+                                              for u in units}
+        for (u, k), frames, ok in zip(owners, videos, finite):
+            result = results[u.key]
+            if "error" in result:
+                continue
+            problem = check_video(frames, ok)
+            if problem:
+                result["error"] = f"negative {k} (seed {u.spec['seeds'][k]}): {problem}"
+                continue
+            name = u.spec["names"][k]
+            write_mp4(outs[u.key] / f"{name}.mp4", frames, video.fps)
+            result["files"][f"{name}.mp4"] = f"{name}.mp4"
+            result["negatives"].append({"negative_id": name, "clip_id": u.spec["clip_id"], "k": k,
+                                        "seed": u.spec["seeds"][k]})
+        return results
+
+
+def _remove_dir(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class GenerateUnits(UnitStage):
+    name = "generate"
+
+    def work_item_size(self, cfg: Config) -> int:
+        return cfg.generate.work_item_size
+
+    def devices(self, cfg: Config) -> list[str | None]:
+        return resolve_devices(cfg.generate.devices, cfg.model.device)
+
+    def open_worker(self, cfg: Config, workdir: Path, device: str | None) -> UnitWorker:
+        return GenerateWorker(cfg, workdir, device)
+
+    def plan_units(self, cfg: Config, workdir: Path) -> tuple[list[Unit], dict[str, Any]]:
+        gen = cfg.generate
+        shaping = {"generate": fingerprint_payload(gen), "video": fingerprint_payload(cfg.video),
+                   "model": model_identity(cfg)}
+        units = []
+        for clip in load_clips(workdir).itertuples():
+            ks = range(gen.num_negatives)
+            spec = {"clip_id": clip.clip_id, "caption": clip.caption, "clip_path": f"ingest/clips/{clip.clip_id}.mp4",
+                    "seeds": [clip_seed(gen.seed, clip.clip_id, k) for k in ks],
+                    "names": [negative_id(clip.clip_id, k, gen.num_negatives) for k in ks]}
+            units.append(Unit(clip.clip_id, content_key("generate", clip.clip_id, clip.caption, shaping), spec))
+        return units, {}
+
+    def assemble(self, cfg: Config, workdir: Path, plan: StagePlan, results: dict[str, dict[str, Any]],
+                 new_keys: set[str], old: dict[str, dict[str, Any]], txn: Transaction) -> tuple[set[str], dict[str, Any]]:
+        gen = cfg.generate
+        folder = stage_folder(workdir, self.name)
+        staging = Staging(workdir, self.name)
+        base_model = model_identity(cfg)
+        rows, kept, names = [], set(), set()
+        for unit in plan.units:
+            result = results.get(unit.key)
+            if result is None:
+                continue
+            kept.add(unit.key)
+            for public, staged in result["files"].items():
+                names.add(public)
+                if unit.key in new_keys:
+                    txn.move(staging.unit_dir(unit.key) / staged, folder / public)
+            for neg in result["negatives"]:
+                rows.append({**neg, "num_inference_steps": gen.num_inference_steps,
+                             "guidance_scale": gen.guidance_scale, "negative_prompt": gen.negative_prompt,
+                             "flow_shift": gen.flow_shift, "base_model": base_model,
+                             "path": f"{folder.name}/{neg['negative_id']}.mp4", "seconds": result.get("seconds")})
+        for old_result in old.values():
+            for public in old_result.get("files", {}):
+                if public not in names:
+                    txn.delete(folder / public)
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=NEGATIVE_SCHEMA), buf)
+        txn.write_bytes(folder / "negatives.parquet", buf.getvalue())
+        secs = [r["seconds"] for r in rows if r["seconds"] is not None]
+        return kept, {"num_negatives": len(rows), "num_clips": len(kept), "base_model": base_model,
+                      "seconds_per_clip": round(float(np.mean(secs)), 3) if secs else None}
+
+
+UNITS = GenerateUnits()

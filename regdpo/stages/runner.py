@@ -170,7 +170,7 @@ def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[
             return "missing", "interrupted run present (finished units are kept)"
         return "missing", ""
     try:
-        if stage.units and isinstance(impl or get_impl(name), UnitStage):
+        if stage.units:
             plan = plan_stage(cfg, name, impl=impl)
             if plan.skipped:
                 return "current", ""
