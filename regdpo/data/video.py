@@ -16,18 +16,24 @@ Bad input raises `VideoError(path, reason)` with a short plain-words reason ("em
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import uuid
 from dataclasses import dataclass
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 _EPS = 1e-6  # seconds; absorbs float error when comparing timestamps
-_REORDER_SLACK = 3  # frames decoded past the last target before stopping (out-of-order output)
+# Frames decoded past a target before its pick is final. Decoders output in presentation order
+# (even four_frames_unordered.mov, stored out of order, decodes in order); one interval of slack
+# absorbs timestamp jitter without decoding frames nobody uses.
+_REORDER_SLACK = 1
 
 
 class VideoError(ValueError):
@@ -122,46 +128,125 @@ def _decode(container, stream, path):
         raise VideoError(path, f"undecodable: {err.strerror or err}") from None
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Read size, rotation, frame rate, duration (None when the container has none) and codec.
+class VideoReader:
+    """One open video: its `info` (probed from the first frame) and any number of clips, all
+    from a single container (opening is a sizeable part of ingesting short clips).
 
-    Decodes the first frame: the display matrix arrives as frame side data, and a file whose
-    first frame cannot be decoded is useless anyway.
+        with VideoReader(path) as video:
+            info = video.info
+            frames = video.read_clip(fps=8, num_frames=9, height=64, width=64, start_s=1.0)
     """
-    container, stream = _open(path)
-    with container:
-        first = next(_decode(container, stream, path), None)
-        if first is None:
-            raise VideoError(path, "undecodable: no frame could be decoded")
-        return VideoInfo(
-            width=stream.codec_context.width or first.width,
-            height=stream.codec_context.height or first.height,
-            rotation=_rotation(first, stream),
-            fps=_fps(stream),
-            duration_s=_header_duration(container, stream),
-            codec=stream.codec_context.name,
-        )
 
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.container, self.stream = _open(path)
+        self._info: VideoInfo | None = None
+        self._decoded = False  # something was decoded: a pass from the start must seek back first
+        # The probe's first frame and the decode it came from: a pass from the start continues
+        # it instead of seeking back and decoding the opening frames twice.
+        self._resume: tuple[av.VideoFrame, Iterator[av.VideoFrame]] | None = None
 
-def count_decodable_duration(path: str | os.PathLike) -> float:
-    """Length in seconds found by decoding every frame (for containers without a duration).
+    def __enter__(self) -> "VideoReader":
+        return self
 
-    Stops at the first decoder error: what decoded cleanly up to there is the usable length.
-    """
-    container, stream = _open(path)
-    with container:
-        origin, step = _origin(stream), 1.0 / (_fps(stream) or 25.0)
+    def __exit__(self, *exc) -> None:
+        self._resume = None
+        self.container.close()
+
+    def _from_start(self) -> Iterator[av.VideoFrame]:
+        """Every frame from the start of the stream."""
+        if self._resume is not None:
+            first, rest = self._resume
+            self._resume = None
+            return itertools.chain([first], rest)
+        if self._decoded:
+            self.container.seek(0)
+        self._decoded = True
+        return _decode(self.container, self.stream, self.path)
+
+    @property
+    def info(self) -> VideoInfo:
+        """Size, rotation, frame rate, duration (None when the container has none) and codec.
+
+        Decodes the first frame: the display matrix arrives as frame side data, and a file whose
+        first frame cannot be decoded is useless anyway.
+        """
+        if self._info is None:
+            frames = self._from_start()
+            first = next(frames, None)
+            if first is None:
+                raise VideoError(self.path, "undecodable: no frame could be decoded")
+            self._resume = (first, frames)
+            stream = self.stream
+            self._info = VideoInfo(
+                width=stream.codec_context.width or first.width,
+                height=stream.codec_context.height or first.height,
+                rotation=_rotation(first, stream),
+                fps=_fps(stream),
+                duration_s=_header_duration(self.container, stream),
+                codec=stream.codec_context.name,
+            )
+        return self._info
+
+    def decodable_duration(self) -> float:
+        """Length in seconds found by decoding every frame (for containers without a duration).
+
+        Stops at the first decoder error: what decoded cleanly up to there is the usable length.
+        """
+        origin, step = _origin(self.stream), 1.0 / (_fps(self.stream) or 25.0)
         end = 0.0
         try:
-            for frame in _decode(container, stream, path):
+            for frame in self._from_start():
                 if frame.time is not None:
                     end = max(end, frame.time - origin + step)
         except VideoError:
             pass
         return end
 
+    def read_clip(self, *, fps: float, num_frames: int, height: int, width: int, start_s: float = 0.0) -> np.ndarray:
+        """Decode `num_frames` frames at `fps` from `start_s`: uint8 (num_frames, height, width, 3), RGB, upright.
 
-def _to_rgb(frame: av.VideoFrame, rotation: int, height: int, width: int) -> np.ndarray:
+        Seeks to the keyframe at or before start_s and decodes forward. Each target time takes the
+        last frame whose timestamp is <= it. A target past the end of the stream (later than the
+        last frame plus its duration) raises "too short" rather than repeating the last frame; a
+        decoder error part-way raises "undecodable" unless every target was already covered.
+        """
+        if fps <= 0 or num_frames < 1:
+            raise ValueError(f"read_clip needs fps > 0 and num_frames >= 1; got fps={fps}, num_frames={num_frames}")
+        targets = [start_s + k / fps for k in range(num_frames)]
+        picker = _Picker(self.path, self.stream, targets, fps, (height, width))
+        if start_s > 0 and self._seek(targets[0], picker.origin):
+            self._resume, self._decoded = None, True
+            if picker.run(_decode(self.container, self.stream, self.path), after_seek=True):
+                return picker.out
+            # the seek landed after start_s: decode from the beginning instead
+            picker = _Picker(self.path, self.stream, targets, fps, (height, width))
+        picker.run(self._from_start(), after_seek=False)
+        return picker.out
+
+    def _seek(self, t: float, origin: float) -> bool:
+        try:
+            pts = int((t + origin) / self.stream.time_base)
+            self.container.seek(max(0, pts), stream=self.stream, backward=True)
+            return True
+        except av.error.FFmpegError:
+            return False
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """`VideoReader(path).info` (see there)."""
+    with VideoReader(path) as video:
+        return video.info
+
+
+def count_decodable_duration(path: str | os.PathLike) -> float:
+    """`VideoReader(path).decodable_duration()` (see there)."""
+    with VideoReader(path) as video:
+        return video.decodable_duration()
+
+
+def _to_rgb(frame: av.VideoFrame, rotation: int, height: int, width: int,
+            reformatter: VideoReformatter | None = None) -> np.ndarray:
     """Upright RGB uint8 (height, width, 3): scale so the picture covers the target, then centre-crop.
 
     Scaling happens in swscale at the stored orientation (cheap), rotation and crop in numpy.
@@ -174,7 +259,10 @@ def _to_rgb(frame: av.VideoFrame, rotation: int, height: int, width: int) -> np.
     stored_w, stored_h = (out_h, out_w) if swap else (out_w, out_h)
     alpha = any(c.is_alpha for c in frame.format.components)
     interp = "AREA" if scale < 1 else "BICUBIC"
-    img = frame.reformat(width=stored_w, height=stored_h, format="rgba" if alpha else "rgb24", interpolation=interp)
+    # One reformatter per video: it keeps swscale's context (filter set-up costs more than the
+    # scaling itself for short clips) as long as the frame geometry does not change.
+    img = (reformatter or VideoReformatter()).reformat(
+        frame, width=stored_w, height=stored_h, format="rgba" if alpha else "rgb24", interpolation=interp)
     arr = img.to_ndarray()
     if alpha:
         a = arr[..., 3:4].astype(np.uint16)
@@ -188,24 +276,9 @@ def _to_rgb(frame: av.VideoFrame, rotation: int, height: int, width: int) -> np.
 def read_clip(
     path: str | os.PathLike, *, fps: float, num_frames: int, height: int, width: int, start_s: float = 0.0
 ) -> np.ndarray:
-    """Decode `num_frames` frames at `fps` from `start_s`: uint8 (num_frames, height, width, 3), RGB, upright.
-
-    Seeks to the keyframe at or before start_s and decodes forward. Each target time takes the
-    last frame whose timestamp is <= it. A target past the end of the stream (later than the
-    last frame plus its duration) raises "too short" rather than repeating the last frame; a
-    decoder error part-way raises "undecodable" unless every target was already covered.
-    """
-    if fps <= 0 or num_frames < 1:
-        raise ValueError(f"read_clip needs fps > 0 and num_frames >= 1; got fps={fps}, num_frames={num_frames}")
-    targets = [start_s + k / fps for k in range(num_frames)]
-    container, stream = _open(path)
-    with container:
-        picker = _Picker(path, stream, targets, fps, (height, width))
-        if not picker.run(container, seek=start_s > 0):
-            container.seek(0)  # the seek landed after start_s: decode from the beginning instead
-            picker = _Picker(path, stream, targets, fps, (height, width))
-            picker.run(container, seek=False)
-        return picker.out
+    """`VideoReader(path).read_clip(...)` (see there)."""
+    with VideoReader(path) as video:
+        return video.read_clip(fps=fps, num_frames=num_frames, height=height, width=width, start_s=start_s)
 
 
 class _Picker:
@@ -224,24 +297,20 @@ class _Picker:
         self.out = np.empty((len(targets), *size, 3), dtype=np.uint8)
         self.picks: list[tuple[float, av.VideoFrame | None] | None] = [None] * len(targets)
         self.first: tuple[float, av.VideoFrame] | None = None
+        self.reformatter = VideoReformatter()
         self.rotation = 0
         self.done = 0  # targets [0, done) are written to self.out
         self.end_t = -math.inf  # when the latest frame seen stops being shown
 
-    def run(self, container, *, seek: bool) -> bool:
-        """Fill self.out; False if a seek overshot the first target. Raises VideoError."""
+    def run(self, frames: Iterator[av.VideoFrame], *, after_seek: bool) -> bool:
+        """Fill self.out from `frames`; False if, after a seek, the first frame is already past
+        the first target. Raises VideoError."""
         targets, error = self.targets, None
-        if seek:
-            try:
-                pts = int((targets[0] + self.origin) / self.stream.time_base)
-                container.seek(max(0, pts), stream=self.stream, backward=True)
-            except av.error.FFmpegError:
-                return False
         try:
-            for frame in _decode(container, self.stream, self.path):
+            for frame in frames:
                 t = frame.time - self.origin if frame.time is not None else max(self.end_t, 0.0)
                 if self.first is None:
-                    if seek and t > targets[0] + _EPS:
+                    if after_seek and t > targets[0] + _EPS:
                         return False
                     self.first, self.rotation = (t, frame), _rotation(frame, self.stream)
                 dur = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else self.step
@@ -277,7 +346,7 @@ class _Picker:
         if prev is not None and prev[0] == t:
             self.out[k] = self.out[k - 1]
         else:
-            self.out[k] = _to_rgb(frame, self.rotation, *self.size)
+            self.out[k] = _to_rgb(frame, self.rotation, *self.size, self.reformatter)
         self.picks[k] = (t, None)  # release the decoded frame
         self.done = k + 1
 
@@ -302,7 +371,9 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float, *, crf: i
             stream = container.add_stream("libx264", rate=rate)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
             stream.time_base = 1 / rate
-            stream.options = {"crf": str(crf), "preset": "medium"}
+            # veryfast: a third of medium's time for the same crf at a few % more bytes; these
+            # clips are an intermediate that is decoded once more (encode), not a deliverable
+            stream.options = {"crf": str(crf), "preset": "veryfast"}
             for i, rgb in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
                 frame.pts = i
@@ -325,8 +396,8 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
         if not frames:
             raise VideoError(path, "undecodable: no frame could be decoded")
         rotation = _rotation(frames[0][1], stream)
-        arrays = []
+        arrays, reformatter = [], VideoReformatter()
         for _, f in frames:
             h, w = (f.width, f.height) if rotation in (90, 270) else (f.height, f.width)
-            arrays.append(_to_rgb(f, rotation, h, w))
+            arrays.append(_to_rgb(f, rotation, h, w, reformatter))
         return np.stack(arrays)

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from regdpo.config import Config, fingerprint_payload
 from regdpo.data.manifest import ManifestError, ManifestRow, read_manifest
-from regdpo.data.video import VideoError, count_decodable_duration, probe, read_clip, write_mp4
+from regdpo.data.video import VideoError, VideoReader, write_mp4
 from regdpo.stages.journal import Transaction, atomic_write_json
 from regdpo.stages.units import StagePlan, Unit, UnitStage, UnitWorker, content_key, stage_folder
 
@@ -102,7 +102,7 @@ class HashCache:
 
     def save(self) -> None:
         if self.dirty:
-            atomic_write_json(self.path, self.entries)
+            atomic_write_json(self.path, self.entries, durable=False)
 
 
 def make_clip_id(
@@ -162,12 +162,15 @@ class IngestWorker(UnitWorker):
         return {"clips": clips, "rejects": rejects, "files": files}
 
     def _video(self, s: dict[str, Any], out: Path, clips: list, rejects: list, files: dict) -> None:
+        with VideoReader(Path(s["src"])) as reader:  # one open for the probe and every clip
+            self._clips(s, reader, out, clips, rejects, files)
+
+    def _clips(self, s: dict[str, Any], reader: VideoReader, out: Path, clips: list, rejects: list, files: dict) -> None:
         cfg, v = self.cfg, self.cfg.video
-        src = Path(s["src"])
-        info = probe(src)  # "file not found", "empty file", "no video stream", "undecodable: ..."
+        info = reader.info  # "file not found", "empty file", "no video stream", "undecodable: ..."
         if info.codec == "gif" and not cfg.ingest.allow_gif:
             raise VideoError(s["path"], "GIF input disabled (set ingest.allow_gif: true to use it)")
-        duration = info.duration_s if info.duration_s is not None else count_decodable_duration(src)
+        duration = info.duration_s if info.duration_s is not None else reader.decodable_duration()
         start = s["start_s"] or 0.0
         # a reject, not a silent clamp: a window past the end usually means the wrong file or times
         if s["end_s"] is not None and s["end_s"] > duration + _TOLERANCE_S:
@@ -183,7 +186,7 @@ class IngestWorker(UnitWorker):
         for k in range(count):
             clip_start = start + k * self.clip_s
             try:
-                frames = read_clip(src, start_s=clip_start, **spec)
+                frames = reader.read_clip(start_s=clip_start, **spec)
             except VideoError as err:
                 if k == 0:
                     raise
