@@ -22,7 +22,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float field refuses .inf and .nan (YAML spells them `.inf`,
+    # `.nan`), which would otherwise pass `gt=0`-style bounds and fail or poison a run later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def runtime(default: Any = ..., **kwargs: Any) -> Any:

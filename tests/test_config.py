@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
@@ -83,3 +85,33 @@ def test_runtime_fields_are_in_no_fingerprint(tmp_path):
         assert placed.section_fingerprint(*sections) == cfg.section_fingerprint(*sections), sections
     shaped = load_config(_write(tmp_path, {**BASE, "generate": {"guidance_scale": 2.0}}))
     assert shaped.section_fingerprint("generate") != cfg.section_fingerprint("generate")
+
+
+def _float_fields(model, prefix=""):
+    """Every float-valued field of the config models, recursively, as dotted names."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        args = typing.get_args(ann)
+        nested = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            yield from _float_fields(nested[0], f"{prefix}{name}.")
+        elif ann is float or float in args or any(float in typing.get_args(a) for a in args):
+            yield f"{prefix}{name}", ann
+
+
+def test_every_float_field_rejects_inf_and_nan_naming_it(tmp_path):
+    """Generated from the config models: a new float field is covered without editing this test."""
+    from regdpo.config import Config
+
+    fields = list(_float_fields(Config))
+    assert len(fields) >= 15 and "train.beta" in dict(fields) and "evaluate.timesteps" in dict(fields)
+    for dotted, ann in fields:
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            value = [bad] if "list" in str(ann) else bad
+            with pytest.raises(ConfigError, match=rf"{re.escape(dotted)}\b.*finite") as err:
+                load_config(_write(tmp_path, BASE), {dotted: value})
+            assert dotted in str(err.value)
