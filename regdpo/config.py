@@ -108,6 +108,8 @@ class IngestConfig(_Strict):
     min_heldout: int = Field(default=1, ge=0)
     max_clips_per_video: int = Field(default=1, ge=1)
     allow_gif: bool = True
+    allow_symlinks_outside: bool = Field(
+        default=False, description="follow symlinks in the manifest folder that point outside it")
     num_workers: int = runtime(1, ge=1, description="decoding processes")
     work_item_size: int = runtime(32, ge=1, description="manifest rows per work item")
 

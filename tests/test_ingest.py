@@ -246,3 +246,53 @@ def test_runs_under_the_stage_runner(tmp_path):
     assert result.path == published and result.summary["num_clips"] == 1
     assert {"clips.parquet", "rejects.parquet", "clips", "stage.json"} <= {p.name for p in published.iterdir()}
     assert run_stage(cfg, "ingest").skipped
+
+
+def test_hostile_rows_get_reasons_that_say_what_is_wrong(tmp_path):
+    import os
+
+    from PIL import Image
+
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    shutil.copy(BAD / "alpha_vp9.webm", folder / "ok.webm")
+    outside = tmp_path / "private.webm"
+    shutil.copy(BAD / "alpha_vp9.webm", outside)
+    (folder / "link.webm").symlink_to(outside)  # inside the folder, pointing out of it
+    (folder / "a_dir.mp4").mkdir()
+    os.mkfifo(folder / "pipe.mp4")
+    (folder / "zero.mp4").symlink_to("/dev/zero")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(folder / "still.png")
+    rows = [{"path": p, "caption": f"caption of {p}"} for p in
+            ("ok.webm", "link.webm", "a_dir.mp4", "pipe.mp4", "zero.mp4", "still.png")]
+    manifest = write_manifest(folder, rows)
+    summary, out = run_build(make_cfg(tmp_path, manifest), tmp_path)
+    table = pd.read_parquet(out / "rejects.parquet")
+    reasons = dict(zip(table["path"], table["reason"]))
+    assert reasons["link.webm"].startswith("a symlink that points outside the manifest folder")
+    assert reasons["a_dir.mp4"] == "a directory, not a video file"
+    assert reasons["pipe.mp4"].startswith("not a regular file")
+    assert reasons["zero.mp4"].startswith("a symlink that points outside")  # /dev/zero is outside too
+    assert reasons["still.png"] == "a still image (png), not a video"
+    assert dict(zip(table["path"], table["row"]))["still.png"] == 6  # rejects carry the manifest row
+    assert summary["num_clips"] == 1
+
+    allowed = make_cfg(tmp_path, manifest, allow_symlinks_outside=True)
+    _, out = run_build(allowed, tmp_path, "allowed")
+    reasons = rejects_of(out)
+    assert reasons["link.webm"] == "duplicate of row 1 (same file content and window)"  # followed: same video
+    assert reasons["zero.mp4"].startswith("not a regular file")
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", r"the file is empty"),
+    ("path,caption\na.mp4,caf\xe9 au lait\n".encode("latin-1"), r"not UTF-8 text .*save the CSV as UTF-8"),
+    (b'path,caption\na.mp4,"unclosed quote\n', r"not a valid CSV .*quotes"),
+    (b"path,caption\nx,a.mp4,a cat\ny,b.mp4,a dog\n", r"row 1 \(line 2\) has 3 fields, the header has 2"),
+])
+def test_csv_problems_name_the_file(tmp_path, content, message):
+    manifest = tmp_path / "videos" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_bytes(content)
+    with pytest.raises(ManifestError, match=rf"m\.csv: {message}"):
+        run_stage(make_cfg(tmp_path, manifest), "ingest")

@@ -205,3 +205,34 @@ def test_folder_of_videos_with_txt_captions_and_jsonl(tmp_path):
     jsonl.write_text('{"path": "cartoon_hills_pan.mp4", "caption": "hills", "end_s": 2.0}\n')
     cfg = load_config(_config(tmp_path / "j", rows=1, ingest={"manifest": str(jsonl)}))
     assert run(cfg, "ingest").summary["num_clips"] == 1
+
+
+def test_replaced_source_and_edited_shard_make_their_dependents_stale(tmp_path):
+    from regdpo.stages.runner import expected_fingerprint
+
+    path = _config(tmp_path, rows=3)
+    cfg = load_config(path)
+    workdir = Path(cfg.workdir)
+    for name in ("ingest", "generate", "encode"):
+        run(cfg, name)
+    train_fp = expected_fingerprint(cfg, "train")[0]
+
+    # the same file name, another video: a new clip (content hash), its negative, its pair
+    manifest = pd.read_csv(tmp_path / "videos" / "manifest.csv")
+    shutil.copy(SAMPLES / "airplane_field.mp4", tmp_path / "videos" / manifest["path"][0])
+    done = {name: run(cfg, name).summary["units_done"] for name in ("ingest", "generate", "encode")}
+    assert done == {"ingest": 1, "generate": 1, "encode": 1}
+    assert expected_fingerprint(cfg, "train")[0] != train_fp
+
+    # a shard edited after encode: its pairs are encoded again, and training on it is stale
+    train_fp = expected_fingerprint(cfg, "train")[0]
+    shard = Path(shard_urls(workdir / "shards", "train")[0])
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 1024)
+    assert expected_fingerprint(cfg, "train")[0] != train_fp
+    counts = plan(cfg, "encode").counts
+    assert counts["pending"] >= 1
+    result = run(cfg, "encode")
+    assert result.summary["units_done"] == counts["pending"]
+    pairs = _pairs_in_shards(workdir)
+    assert len(pairs) == len(set(pairs)) == 3 and not shard.exists()

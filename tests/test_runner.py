@@ -503,3 +503,15 @@ def test_replaced_model_weights_redo_model_stages(tmp_path):
     weights.write_bytes(b"v2-finetuned")
     os.utime(weights, ns=(1, 1))
     assert not is_current(cfg, "train")
+
+
+def test_evaluate_without_a_heldout_split_fails_before_anything_runs(config_path):
+    cfg = _cfg(config_path, **{"ingest.heldout_fraction": 0.0, "ingest.min_heldout": 0})
+    with pytest.raises(StageInputError, match="evaluate needs held-out clips.*ingest.min_heldout >= 1"):
+        stages.check_inputs(cfg, STAGES)
+    stages.check_inputs(cfg, ["ingest", "generate", "encode", "train"])  # fine without evaluate
+    shards = Path(cfg.workdir) / "shards"
+    shards.mkdir(parents=True)
+    (shards / "index.json").write_text(json.dumps({"splits": {"train": {"num_samples": 3, "shards": []}}}))
+    with pytest.raises(StageInputError, match="has none"):
+        stages.check_inputs(_cfg(config_path), ["train", "evaluate"])

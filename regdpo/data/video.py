@@ -56,6 +56,12 @@ class VideoInfo:
     fps: float
     duration_s: float | None
     codec: str
+    container: str = ""  # FFmpeg's demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "png_pipe"
+
+    @property
+    def is_still_image(self) -> bool:
+        """A single picture (PNG, JPEG, ...) that FFmpeg would happily open as a one-frame video."""
+        return self.container.endswith("_pipe") or self.container == "image2"
 
     @property
     def display_size(self) -> tuple[int, int]:
@@ -185,6 +191,7 @@ class VideoReader:
                 fps=_fps(stream),
                 duration_s=_header_duration(self.container, stream),
                 codec=stream.codec_context.name,
+                container=self.container.format.name,
             )
         return self._info
 

@@ -114,7 +114,26 @@ def check_inputs(cfg: Config, names: Iterable[str]) -> None:
             what = "does not exist" if not root.exists() else "is not a diffusers model directory (no model_index.json)"
             raise StageInputError(f"model.path {root} {what}: point it at a local diffusers model directory "
                                   "(nothing is downloaded)")
+    if "evaluate" in requested:
+        _check_heldout(cfg, requested)
     for name in requested:
         for up in STAGE[name].inputs:
             if up not in requested and read_stage_record(cfg.workdir, up) is None:
                 raise missing_input(name, up, cfg.workdir)
+
+
+def _check_heldout(cfg: Config, requested: list[str]) -> None:
+    """evaluate measures held-out pairs: make sure there will be some before anything runs."""
+    if cfg.ingest.heldout_fraction == 0 and cfg.ingest.min_heldout == 0:
+        raise StageInputError("evaluate needs held-out clips, but ingest.heldout_fraction and ingest.min_heldout "
+                              "are both 0: set ingest.min_heldout >= 1 (or heldout_fraction > 0), or leave "
+                              "evaluate out of the run")
+    if "encode" not in requested:
+        index = Path(cfg.workdir) / "shards" / "index.json"
+        if index.is_file():
+            import json
+
+            splits = json.loads(index.read_text()).get("splits", {})
+            if not splits.get("heldout", {}).get("num_samples"):
+                raise StageInputError(f"evaluate needs held-out pairs, but {index} has none: rerun ingest and "
+                                      "encode with ingest.min_heldout >= 1")

@@ -123,6 +123,9 @@ class EncodeUnits(UnitStage):
     def work_item_size(self, cfg: Config) -> int:
         return cfg.encode.work_item_size
 
+    def public_files(self, result: dict[str, Any]) -> list[str]:
+        return [result["shard"]] if "shard" in result else []
+
     def devices(self, cfg: Config) -> list[str | None]:
         return resolve_devices(cfg.encode.devices, cfg.model.device)
 
@@ -157,13 +160,14 @@ class EncodeUnits(UnitStage):
         # Old shards: kept whole when every pair in it is still wanted, else compacted.
         by_shard: dict[str, list[str]] = {}
         for key, r in old.items():
-            by_shard.setdefault(r["shard"], []).append(key)
+            if "shard" in r:
+                by_shard.setdefault(r["shard"], []).append(key)
         kept_shards, to_copy = [], []  # to_copy: (key, old shard path) of wanted pairs in compacted shards
         for shard, keys in sorted(by_shard.items()):
-            if all(k in wanted for k in keys):
+            if all(k in wanted and k not in new_keys for k in keys):  # a redone pair retires its shard
                 kept_shards.append(shard)
             else:
-                to_copy += [(k, shard) for k in keys if k in wanted]
+                to_copy += [(k, shard) for k in keys if k in wanted and k not in new_keys]
                 txn.delete(folder / shard)
         # New samples: staged pairs, then pairs rescued from compacted shards, per split in id order.
         pending: dict[str, list[tuple[str, dict[str, bytes]]]] = {}

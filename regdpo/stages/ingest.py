@@ -56,16 +56,21 @@ class NoClipsError(ValueError):
     """Every input was rejected; the message lists the reasons."""
 
 
-def resolve_source(manifest: Path, raw: str) -> Path:
+def resolve_source(manifest: Path, raw: str, *, allow_symlinks_outside: bool = False) -> Path:
     """The file a manifest path names; paths are relative to the manifest's folder and must stay inside it.
 
-    The check is lexical (after normalising `..`), so a symlink placed inside the folder on purpose
-    is followed, but `../x` or an absolute path elsewhere is refused.
+    `../x` or an absolute path elsewhere is refused, and so is a symlink (anywhere on the way)
+    that resolves outside the folder, unless `allow_symlinks_outside`: a folder other people
+    fill must not pull in any readable file on the machine.
     """
     root = os.path.abspath(manifest if manifest.is_dir() else manifest.parent)
     full = os.path.abspath(os.path.join(root, raw))  # an absolute `raw` replaces root here
     if os.path.commonpath([root, full]) != root:
         raise VideoError(raw, "path outside the manifest folder")
+    real_root, real = os.path.realpath(root), os.path.realpath(full)
+    if not allow_symlinks_outside and os.path.commonpath([real_root, real]) != real_root:
+        raise VideoError(raw, "a symlink that points outside the manifest folder (set "
+                              "ingest.allow_symlinks_outside: true if that is intended)")
     return Path(full)
 
 
@@ -168,6 +173,8 @@ class IngestWorker(UnitWorker):
     def _clips(self, s: dict[str, Any], reader: VideoReader, out: Path, clips: list, rejects: list, files: dict) -> None:
         cfg, v = self.cfg, self.cfg.video
         info = reader.info  # "file not found", "empty file", "no video stream", "undecodable: ..."
+        if info.is_still_image:
+            raise VideoError(s["path"], f"a still image ({info.codec}), not a video")
         if info.codec == "gif" and not cfg.ingest.allow_gif:
             raise VideoError(s["path"], "GIF input disabled (set ingest.allow_gif: true to use it)")
         duration = info.duration_s if info.duration_s is not None else reader.decodable_duration()
@@ -230,7 +237,7 @@ class IngestUnits(UnitStage):
         units, rejects = [], []
         for row in rows:
             try:
-                src, sha = self._source(manifest, row, hashes)
+                src, sha = self._source(manifest, row, hashes, cfg.ingest.allow_symlinks_outside)
             except VideoError as err:
                 rejects.append({"row": row.number, "path": row.path, "reason": err.reason})
                 continue
@@ -244,10 +251,10 @@ class IngestUnits(UnitStage):
         return units, {"rejects": rejects}
 
     @staticmethod
-    def _source(manifest: Path, row: ManifestRow, hashes: HashCache) -> tuple[Path, str]:
+    def _source(manifest: Path, row: ManifestRow, hashes: HashCache, allow_outside: bool) -> tuple[Path, str]:
         if row.problem:
             raise VideoError(row.path, row.problem)
-        src = resolve_source(manifest, row.path)
+        src = resolve_source(manifest, row.path, allow_symlinks_outside=allow_outside)
         try:
             st = src.stat()
         except FileNotFoundError:

@@ -101,6 +101,25 @@ def model_identity(cfg: Config) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _shard_files(cfg: Config) -> str:
+    """Size and mtime of every shard index.json lists: a shard edited or replaced after encode
+    makes what trained or evaluated on it stale (read without torch)."""
+    root = Path(cfg.workdir) / "shards"
+    try:
+        index = json.loads((root / "index.json").read_text())
+    except (OSError, ValueError):
+        return "missing"
+    stats = []
+    for split in sorted(index.get("splits", {})):
+        for shard in index["splits"][split].get("shards", []):
+            try:
+                st = (root / shard["path"]).stat()
+                stats.append([shard["path"], st.st_size, st.st_mtime_ns])
+            except OSError:
+                stats.append([shard["path"], None, None])
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
 def _upstream(cfg: Config, name: str) -> dict[str, str]:
     upstream: dict[str, str] = {}
     for up in get_stage(name).inputs:
@@ -117,7 +136,8 @@ def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
     upstream = _upstream(cfg, name)
     payload = json.dumps(
         {"stage": name, "config": cfg.section_fingerprint(*stage.sections), "seed": cfg.seed, "upstream": upstream,
-         "model": model_identity(cfg) if stage.reads_model else ""},
+         "model": model_identity(cfg) if stage.reads_model else "",
+         "shards": _shard_files(cfg) if "encode" in stage.inputs else ""},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream

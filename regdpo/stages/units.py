@@ -215,6 +215,10 @@ class UnitStage(ABC):
     def work_item_size(self, cfg: Config) -> int:
         return 16
 
+    def public_files(self, result: dict[str, Any]) -> list[str]:
+        """The published files a unit's result lives in, relative to the stage folder."""
+        return list(result.get("files", {}))
+
     def devices(self, cfg: Config) -> list[str | None]:
         return [None]
 
@@ -263,7 +267,8 @@ def make_plan(impl: UnitStage, cfg: Config, workdir: Path, *, force: bool = Fals
             unique.append(u)
     staging = Staging(workdir, impl.name)
     index = {} if force else read_index(workdir, impl.name)
-    reused = {u.key for u in unique if u.key in index}
+    changed = _changed_files(workdir, impl, {u.key: index[u.key] for u in unique if u.key in index})
+    reused = {u.key for u in unique if u.key in index and u.key not in changed}
     staged = {u.key for u in unique if u.key not in reused and staging.is_done(u.key)}
     pending = [u for u in unique if u.key not in reused and u.key not in staged]
     size = max(1, impl.work_item_size(cfg))
@@ -326,7 +331,48 @@ def publish_plan(impl: UnitStage, cfg: Config, workdir: Path, plan: StagePlan, r
         txn.abort()
         raise
     txn.commit()
+    _record_files(workdir, impl, {k: results[k] for k in kept})
     return fingerprint, summary
+
+
+# ---- what was published, as files (a file edited or replaced afterwards redoes its units) -------
+
+FILES_NAME = "files.json"
+
+
+def _stat(path: Path) -> list[int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _record_files(workdir: Path, impl: UnitStage, results: dict[str, dict[str, Any]]) -> None:
+    """`<stage dir>/files.json`: size and mtime of every published file, to notice later edits."""
+    folder = stage_folder(workdir, impl.name)
+    stats = {rel: _stat(folder / rel) for r in results.values() for rel in impl.public_files(r)}
+    atomic_write_json(folder / FILES_NAME, stats, durable=False)
+
+
+def _changed_files(workdir: Path, impl: UnitStage, published: dict[str, dict[str, Any]]) -> set[str]:
+    """Keys of published units whose files are gone or no longer what was published."""
+    folder = stage_folder(workdir, impl.name)
+    try:
+        recorded = json.loads((folder / FILES_NAME).read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    changed, current = set(), {}
+    for key, result in published.items():
+        for rel in impl.public_files(result):
+            if rel not in current:
+                current[rel] = _stat(folder / rel)
+            if current[rel] is None or (rel in recorded and recorded[rel] != current[rel]):
+                changed.add(key)
+    for rel in sorted({rel for key in changed for rel in impl.public_files(published[key])}):
+        log.warning("%s: %s is missing or changed since it was published; its units are redone",
+                    impl.name, folder / rel)
+    return changed
 
 
 def mean_seconds(results: list[dict[str, Any]]) -> float:
