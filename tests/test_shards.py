@@ -69,3 +69,13 @@ def test_pair_stream_is_deterministic_and_resumable(tmp_path):
     assert batch["latents_w"].shape == (2, 4, 3, 2, 2)
     with pytest.raises(ValueError, match="train split is empty"):
         pair_stream([], batch_size=1, seed=0)
+
+
+def test_pair_ids_are_checked_before_use_as_a_name():
+    from regdpo.data.shards import check_pair_id
+
+    assert check_pair_id("0123456789abcdef") == "0123456789abcdef"
+    assert check_pair_id("0123456789abcdef_k2") == "0123456789abcdef_k2"
+    for bad in ("../../x", "0123456789abcdef/../a", "0123456789ABCDEF", "0123456789abcdef_k", "", None, "a" * 17):
+        with pytest.raises(ValueError, match="not a pair id"):
+            check_pair_id(bad, "shards/heldout/pairs-000000.tar")

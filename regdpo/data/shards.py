@@ -12,6 +12,7 @@ Readable with plain `webdataset` + `safetensors` (see `iter_pairs` for the whole
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -23,6 +24,18 @@ if TYPE_CHECKING:  # torch, safetensors.torch and webdataset (which imports torc
     import torch   # where tensors are made or read, so planning and `regdpo status` stay light
 
 SHARD_PATTERN = "pairs-%06d.tar"
+
+
+PAIR_ID = re.compile(r"[0-9a-f]{16}(_k[0-9]{1,4})?")  # a clip_id, or clip_id_k<k> (generate.num_negatives > 1)
+
+
+def check_pair_id(key: object, where: str = "") -> str:
+    """`key` if it is a pair id (safe as a file name), else ValueError naming where it came from:
+    a shard key or a clip id from data is never used as a path before this check."""
+    if not isinstance(key, str) or not PAIR_ID.fullmatch(key):
+        raise ValueError(f"{where or 'pair'}: {key!r} is not a pair id (16 hex digits, optionally _k<k>); "
+                         "the shard was not written by regdpo encode or was edited: rerun encode")
+    return key
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
