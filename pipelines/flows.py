@@ -1,149 +1,390 @@
-"""Prefect flows over the regdpo stages: one flow per stage and the parent DAG.
+"""Prefect flows over the regdpo stages: one flow per stage (made from the stage registry) and the DAG.
 
-This layer is thin on purpose: each flow loads the config, runs its stage through
-`regdpo.stages.run` inside a task (so Prefect can retry it), and returns a small dict of
-paths, fingerprints and counts. All the logic (fingerprints, skipping, atomic publication)
-is in `regdpo.stages.runner`, which never imports prefect.
+This layer is thin on purpose: a flow loads the config, checks what can be checked up front,
+runs its stage through `regdpo.stages.run` inside a task (retried on transient errors only),
+shows the outputs as artifacts, and returns a small dict of paths, fingerprints and counts.
+Fingerprints, skipping and atomic publication are the library's (it never imports prefect).
+
+Failures: a user error (bad config, missing input, a manifest with nothing usable) is never
+retried and is reported as one line (`<stage> failed: <reason>`) with no traceback; an
+unexpected error is retried once and logs one traceback, from its task. The flows return a
+Failed state carrying the exception instead of re-raising it, so neither the stage flow nor
+the parent adds a traceback of its own; a direct call still raises the original exception.
 
 Run locally (Prefect's temporary server, or PREFECT_API_URL when set):
     regdpo run configs/demo.yaml [--stage train]
 or from Python:
     from pipelines.flows import regdpo_pipeline
-    regdpo_pipeline("configs/demo.yaml", stages=["train", "evaluate"])
-Deployments (one per stage, the whole DAG, nightly schedules) are in prefect.yaml.
+    regdpo_pipeline("configs/demo.yaml", stages=["train", "evaluate"], max_steps=50)
+Deployments (the whole DAG, each stage, the nightly pair), in prefect.yaml: `regdpo deploy`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from pipelines.logs import quiet_progress_bars, route_library_logs
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+quiet_progress_bars()  # before anything imports tqdm (see pipelines/logs.py)
 
-from regdpo import stages as stage_lib
-from regdpo.config import Config, load_config
-from regdpo.stages.runner import StageInputError
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Literal, Optional  # noqa: E402
 
-# Retry only where a second attempt can succeed: generation and encoding hit transient
-# device and filesystem errors (CUDA OOM on a shared GPU, NFS hiccups). Ingest is cheap and
-# deterministic; train resumes from its own checkpoints when the flow is rerun.
-RETRIES: dict[str, int] = {"generate": 1, "encode": 1}
+from prefect import Flow, flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.concurrency.sync import concurrency  # noqa: E402
+from prefect.deployments import run_deployment  # noqa: E402
+from prefect.events import emit_event  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Failed, State  # noqa: E402
+
+from pipelines import artifacts, forksafe  # noqa: E402
+from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
+from regdpo import stages as stage_lib  # noqa: E402
+from regdpo.config import Config, load_config  # noqa: E402
+from regdpo.stages.journal import recover  # noqa: E402
+from regdpo.stages.registry import STAGE, STAGE_LIST, Stage  # noqa: E402
+from regdpo.stages.runner import StageInputError  # noqa: E402
+from regdpo.stages.units import Staging, UnitStage  # noqa: E402
+
+route_library_logs()
+forksafe.install()
+
+# Every stage retries a transient error (CUDA OOM on a shared GPU, an NFS hiccup) once: unit
+# stages keep the units they finished, train resumes from its last checkpoint. User errors
+# (USER_ERRORS) are never retried: a second attempt cannot fix a config or an input.
+RETRIES: int = 1
 RETRY_DELAY_S: float = 30.0
+USER_ERRORS: tuple[type[BaseException], ...] = (StageInputError, ValueError, stage_lib.WorkdirLocked)
+PAIRS_EVENT = "regdpo.pairs.published"  # nightly-train's trigger (prefect.yaml)
+GPU_LIMIT = "regdpo-gpu"  # global concurrency limit: one slot per GPU (regdpo serve / deploy create it)
+WORK_ITEM_DEPLOYMENT = "regdpo-work-item/work-item"  # prefect.yaml: one work item on the GPU pool
+FanOut = Literal["local", "deployments"]
+MAX_DISPATCHED = 64  # work-item flow runs in flight at once under deployment fan-out
+_POOLS: dict[str, Any] = {}  # DevicePools of running stage flows, by key (tasks get the key, not the pool)
 
 
-def _run_name(stage: str):
-    """flow_run_name callback: '<stage>-<config stem>' (plus '-force'), e.g. 'train-demo'."""
+def one_line(err: BaseException) -> str:
+    """An error message on one line (config errors list one field per line)."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+
+
+def _failed(logger, what: str, err: BaseException) -> State:
+    reason = f"{what} failed: {one_line(err)}"
+    logger.error(reason)
+    return Failed(message=reason, data=err)
+
+
+def _retry_transient(task_, task_run, state) -> bool:
+    """Retry condition: not for errors a second attempt cannot fix."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, USER_ERRORS)
+
+
+def _opts(task_):
+    """The task with the current retry delay (tests set RETRY_DELAY_S to 0)."""
+    return task_.with_options(retry_delay_seconds=RETRY_DELAY_S)
+
+
+@functools.cache
+def _gpu_limit_exists() -> bool:
+    """Whether the server has the GPU limit (looked up once per process: a flow-run process is
+    short-lived, and asking for a missing limit costs seconds per task plus a warning)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            return False
+    return True
+
+
+def _gpu_slot(stage: str):
+    """A slot of the GPU concurrency limit for GPU stages' work; no-op for CPU stages and where
+    the server has no such limit (Prefect's temporary local server: one machine, DevicePool)."""
+    if STAGE[stage].gpu and _gpu_limit_exists():
+        return concurrency(GPU_LIMIT, occupy=1, strict=False)
+    return contextlib.nullcontext()
+
+
+def _result(result) -> dict[str, Any]:
+    return {"stage": result.name, "path": str(result.path), "fingerprint": result.fingerprint,
+            "skipped": result.skipped, "seconds": round(result.seconds, 3), "summary": result.summary}
+
+
+@task(name="run-stage", task_run_name="{name}", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
+def run_stage_task(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
+    """Run a whole stage (train, evaluate) in one go, skipped when current and not forced."""
+    with _gpu_slot(name):
+        return _result(stage_lib.run(cfg, name, force=force))
+
+
+@task(name="work-item", task_run_name="{stage}-{index}", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
+def work_item_task(pool_key: str, stage: str, index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """One work item on a free local device (blocks until one is free); idempotent."""
+    with _gpu_slot(stage):
+        return _POOLS[pool_key].run(item)
+
+
+@task(name="work-item-run", task_run_name="{stage}-{index}", cache_policy=NO_CACHE, retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
+def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage: str, index: int,
+                       item: dict[str, Any]) -> dict[str, Any]:
+    """One work item as a run of the work-item deployment (any worker of its pool); waits for it."""
+    run = run_deployment(WORK_ITEM_DEPLOYMENT, parameters={"config_path": config_path, "item": item,
+                                                           "overrides": overrides}, timeout=None)
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"work item {stage}-{index}: flow run {run.name} ended "
+                           f"{run.state.name if run.state else 'without a state'}: "
+                           f"{(run.state.message if run.state else '') or 'see its logs'}")
+    return {"flow_run": run.name}
+
+
+def _run_items(cfg: Config, name: str, plan, fan_out: str, config_path: str, overrides, logger) -> None:
+    """Every work item of `plan`, each a task; one progress line per finished item."""
+    items = plan.work_items
+    total_units = sum(len(i.units) for i in items)
+    logger.info("%s: %d units: %d reused, %d finished earlier, %d to do in %d work items (%s)", name,
+                len(plan.units), len(plan.reused), len(plan.staged), total_units, len(items), fan_out)
+    pool_key = uuid.uuid4().hex
+    if fan_out == "local":
+        pool = _POOLS[pool_key] = stage_lib.DevicePool(cfg, name)
+        window = len(pool.devices) + 1  # every device busy, one item queued; no thread per item
+
+        def submit(i):
+            return _opts(work_item_task).submit(pool_key, name, i.index, i.to_dict())
+    else:
+        pool, window = None, MAX_DISPATCHED
+
+        def submit(i):
+            return _opts(dispatch_item_task).submit(config_path, overrides, name, i.index, i.to_dict())
+    try:
+        futures = [submit(i) for i in items[:window]]
+        done_units, errors = 0, []
+        for n, item in enumerate(items, start=1):
+            try:
+                futures[n - 1].result()
+            except Exception as err:  # noqa: BLE001 - the others finish; their units are kept
+                errors.append(err)
+            if n - 1 + window < len(items):
+                futures.append(submit(items[n - 1 + window]))
+            done_units += len(item.units)
+            logger.info("%s: %d/%d work items, %d/%d units", name, n, len(items), done_units, total_units)
+        if errors:
+            raise errors[0]
+    finally:
+        _POOLS.pop(pool_key, None)
+        if pool is not None:
+            pool.close()
+
+
+def _run_units(cfg: Config, name: str, force: bool, fan_out: str, config_path: str, overrides, logger
+               ) -> dict[str, Any]:
+    """A unit stage: lock the workdir, plan, map its work items over tasks, publish."""
+    workdir = Path(cfg.workdir)
+    with stage_lib.workdir_lock(workdir, command=f"regdpo flow {name} (workdir {workdir})"):
+        recover(workdir, [s.dir for s in STAGE_LIST])
+        staging = Staging(workdir, name)
+        staging.clean_temporaries()
+        if force:
+            staging.clear()  # a redo redoes every unit, not only the ones never finished
+        start = time.perf_counter()
+        plan = stage_lib.plan(cfg, name, force=force)
+        if plan.skipped:
+            rec = stage_lib.read_stage_record(workdir, name) or {}
+            return {"stage": name, "path": str(workdir / STAGE[name].dir), "fingerprint": plan.fingerprint,
+                    "skipped": True, "seconds": 0.0, "summary": rec.get("summary", {})}
+        if plan.work_items:
+            _run_items(cfg, name, plan, fan_out, config_path, overrides, logger)
+        return _result(stage_lib.publish(cfg, plan, seconds=time.perf_counter() - start))
+
+
+def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, Any] | None,
+               fan_out: str = "local") -> dict[str, Any] | State:
+    logger = get_run_logger()
+    try:
+        cfg = load_config(config_path, overrides)
+        stage_lib.check_inputs(cfg, [name])
+    except USER_ERRORS as err:
+        return _failed(logger, name, err)
+    logger.info("%s: %s (workdir %s)", name, "redo" if force else "run unless current", cfg.workdir)
+    try:
+        if isinstance(stage_lib.get_impl(name), UnitStage):
+            out = _run_units(cfg, name, force, fan_out, str(config_path), overrides, logger)
+        else:
+            out = _opts(run_stage_task)(cfg, name, force)
+    except Exception as err:  # noqa: BLE001 - a task logged the traceback, if any; report one line
+        return _failed(logger, name, err)
+    if out["skipped"]:
+        logger.info("%s: current (fingerprint %s), skipped: %s", name, out["fingerprint"], out["path"])
+    else:
+        logger.info("%s: done in %.1fs -> %s %s", name, out["seconds"], out["path"], out["summary"])
+    artifacts.publish(out, cfg.workdir, logger)
+    return out
+
+
+def _stage_run_name(stage: str):
+    """flow_run_name callback: '<stage> <last two parts of the workdir>', e.g. 'train runs/demo'."""
 
     def name() -> str:
         params = flow_run.parameters
-        stem = Path(str(params.get("config_path", "config"))).stem
-        return f"{stage}-{stem}" + ("-force" if params.get("force") else "")
+        return f"{stage} {workdir_label(params)}" + (" (redo)" if params.get("force") else "")
 
     return name
 
 
+def _args_doc(names: list[str], extra: dict[str, str]) -> str:
+    docs = {**DOC_ARGS, **extra}
+    return "\n".join(f"    {n}: {docs[n]}" for n in names)
+
+
+_FORCE_DOC = ("Redo the stage even if it is current (what `regdpo run --stage` does). "
+              "False: skip it when its outputs match the config and inputs.")
+
+
+def _stage_flow(stage: Stage) -> Flow:
+    """The flow of one registry stage: train-shaping parameters only where the stage reads the
+    `train` section, `fan_out` only where the stage has units to spread."""
+    if "train" in stage.sections:
+        def body(config_path: str, force: bool = True, workdir: Optional[str] = None, max_steps: MaxSteps = None,
+                 beta: Beta = None, objective: Objective = None,
+                 overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+            merged = merge_overrides(overrides, workdir=workdir, max_steps=max_steps, beta=beta, objective=objective)
+            return _run_stage(stage.name, config_path, force, merged)
+
+        params = ["config_path", "force", "workdir", "max_steps", "beta", "objective", "overrides"]
+    elif stage.units:
+        def body(config_path: str, force: bool = True, workdir: Optional[str] = None, fan_out: FanOut = "local",
+                 overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+            return _run_stage(stage.name, config_path, force, merge_overrides(overrides, workdir=workdir), fan_out)
+
+        params = ["config_path", "force", "workdir", "fan_out", "overrides"]
+    else:
+        def body(config_path: str, force: bool = True, workdir: Optional[str] = None,
+                 overrides: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+            return _run_stage(stage.name, config_path, force, merge_overrides(overrides, workdir=workdir))
+
+        params = ["config_path", "force", "workdir", "overrides"]
+    body.__name__ = body.__qualname__ = f"{stage.name}_flow"
+    summary = f"{stage.name}: {stage.summary}; writes <workdir>/{stage.dir}/" + (" (GPU)" if stage.gpu else "")
+    body.__doc__ = f"{summary}.\n\nArgs:\n{_args_doc(params, {'force': _FORCE_DOC})}\n"
+    return flow(name=f"regdpo-{stage.name}", flow_run_name=_stage_run_name(stage.name), description=summary)(body)
+
+
+STAGE_FLOWS: dict[str, Flow] = {s.name: _stage_flow(s) for s in STAGE_LIST}
+# Module attributes for prefect.yaml entrypoints (pipelines/flows.py:<stage>_flow).
+globals().update({fl.fn.__name__: fl for fl in STAGE_FLOWS.values()})
+
+
 def _pipeline_run_name() -> str:
     params = flow_run.parameters
-    stem = Path(str(params.get("config_path", "config"))).stem
     requested = params.get("stages") or stage_lib.STAGES
     try:
         names = stage_lib.order(requested)
     except ValueError:  # the flow body reports it; the name must not fail first
         names = list(requested)
-    return f"pipeline-{'+'.join(names)}-{stem}"
+    return f"pipeline {'+'.join(names)} {workdir_label(params)}" + (" (redo)" if params.get("force") else "")
 
 
-def _retry_transient(task_, task_run, state) -> bool:
-    """Do not retry errors a second attempt cannot fix: missing inputs, bad config/values."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, (StageInputError, ValueError))
-
-
-@task(name="run-stage", task_run_name="{name}", cache_policy=NO_CACHE)
-def run_stage_task(cfg: Config, name: str, force: bool = False) -> dict[str, Any]:
-    """Run one stage (skipped when current) and return its small result dict."""
-    result = stage_lib.run(cfg, name, force=force)
-    return {
-        "stage": result.name,
-        "path": str(result.path),
-        "fingerprint": result.fingerprint,
-        "skipped": result.skipped,
-        "seconds": round(result.seconds, 3),
-        "summary": result.summary,
-    }
-
-
-def _stage(name: str, config_path: str, force: bool, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    logger = get_run_logger()
-    cfg = load_config(config_path, overrides)
-    retries = RETRIES.get(name, 0)
-    stage_task = run_stage_task.with_options(
-        retries=retries, retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient
+def _announce_pairs(cfg: Config, config_path: str, results: list[dict[str, Any]]) -> None:
+    """Tell automations that new pairs exist (nightly-train's trigger), when encode published."""
+    encode = next((r for r in results if r["stage"] == "encode"), None)
+    if encode is None or encode["skipped"]:
+        return
+    emit_event(
+        event=PAIRS_EVENT,
+        resource={"prefect.resource.id": f"regdpo.workdir.{cfg.workdir}", "prefect.resource.name": cfg.workdir},
+        payload={"config_path": config_path, "workdir": cfg.workdir, "summary": encode["summary"]},
     )
-    out = stage_task(cfg, name, force)
-    if out["skipped"]:
-        logger.info("%s: current (fingerprint %s), skipped: %s", name, out["fingerprint"], out["path"])
-    else:
-        logger.info("%s: done in %.1fs -> %s %s", name, out["seconds"], out["path"], out["summary"])
-    return out
 
 
-@flow(name="regdpo-ingest", flow_run_name=_run_name("ingest"))
-def ingest_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Videos + captions -> normalised clips (<workdir>/ingest)."""
-    return _stage("ingest", config_path, force, overrides)
-
-
-@flow(name="regdpo-generate", flow_run_name=_run_name("generate"))
-def generate_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Clips -> base-model negatives (<workdir>/negatives). GPU."""
-    return _stage("generate", config_path, force, overrides)
-
-
-@flow(name="regdpo-encode", flow_run_name=_run_name("encode"))
-def encode_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Clips + negatives -> latent pair shards (<workdir>/shards). GPU."""
-    return _stage("encode", config_path, force, overrides)
-
-
-@flow(name="regdpo-train", flow_run_name=_run_name("train"))
-def train_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Pair shards -> Reg-DPO checkpoint (<workdir>/train). GPU; resumes an interrupted run."""
-    return _stage("train", config_path, force, overrides)
-
-
-@flow(name="regdpo-evaluate", flow_run_name=_run_name("evaluate"))
-def evaluate_flow(config_path: str, force: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Checkpoint + held-out pairs -> metrics and report (<workdir>/eval)."""
-    return _stage("evaluate", config_path, force, overrides)
-
-
-STAGE_FLOWS = {
-    "ingest": ingest_flow,
-    "generate": generate_flow,
-    "encode": encode_flow,
-    "train": train_flow,
-    "evaluate": evaluate_flow,
-}
-assert tuple(STAGE_FLOWS) == stage_lib.STAGES
-
-
-@flow(name="regdpo-pipeline", flow_run_name=_pipeline_run_name)
+@flow(name="regdpo-pipeline", flow_run_name=_pipeline_run_name,
+      description="ingest -> generate -> encode -> train -> evaluate; current stages are skipped")
 def regdpo_pipeline(
     config_path: str,
-    stages: list[str] | None = None,
+    stages: Optional[list[StageName]] = None,
     force: bool = False,
-    overrides: dict[str, Any] | None = None,
+    workdir: Optional[str] = None,
+    max_steps: MaxSteps = None,
+    beta: Beta = None,
+    objective: Objective = None,
+    fan_out: FanOut = "local",
+    overrides: Optional[dict[str, Any]] = None,
 ) -> list[dict[str, Any]]:
-    """Run the requested stages (default: all) in pipeline order, each as a subflow.
+    """Run the requested stages in pipeline order, each as a subflow; stages whose outputs are current are skipped.
 
-    Stages not requested are read from disk as they are; a requested stage whose input stage is
-    neither requested nor on disk fails before anything runs ("run ingest first").
+    Stages not requested are read from disk as they are. Everything checkable is checked before the
+    first stage runs (inputs of every requested stage, the manifest, the model path), so a mistake
+    fails in seconds, once, without a retry. One run per workdir: a second run on the same workdir
+    fails at once, naming the run that holds it.
+
+    Args:
+        config_path: YAML config, relative to the project directory (e.g. configs/wan2.1-t2v-1.3b.yaml) or absolute.
+        stages: Stages to run, in pipeline order whatever the order given; empty: all five.
+        force: Redo every requested stage even if it is current.
+        workdir: Where the stages read and write (overrides the config's workdir; relative to the config file).
+        max_steps: Training steps (overrides train.max_steps).
+        beta: DPO beta for the mean-squared-error reduction (overrides train.beta; 1000 is the default).
+        objective: reg-dpo, dpo or sft (overrides train.objective).
+        fan_out: Where generate/encode work items run. local: this machine's devices, one process per device; deployments: each item as a run of the work-item deployment, shared by the workers of its pool over a shared workdir.
+        overrides: Any other config values as dotted keys, e.g. {"generate.num_inference_steps": 30}.
     """
-    cfg = load_config(config_path, overrides)
-    names = stage_lib.order(stages)
-    stage_lib.check_inputs(cfg, names)
-    get_run_logger().info("stages: %s (workdir %s)", ", ".join(names), cfg.workdir)
-    return [STAGE_FLOWS[name](config_path=config_path, force=force, overrides=overrides) for name in names]
+    logger = get_run_logger()
+    merged = merge_overrides(overrides, workdir=workdir, max_steps=max_steps, beta=beta, objective=objective)
+    held = contextlib.ExitStack()
+    try:
+        cfg = load_config(config_path, merged)
+        names = stage_lib.order(stages or None)
+        stage_lib.check_inputs(cfg, names)
+        held.enter_context(stage_lib.workdir_lock(cfg.workdir, command=f"regdpo pipeline {'+'.join(names)}"))
+    except USER_ERRORS as err:
+        return _failed(logger, "pipeline", err)
+    with held:
+        logger.info("stages: %s (workdir %s)", ", ".join(names), cfg.workdir)
+        results: list[dict[str, Any]] = []
+        for name in names:
+            extra = {"fan_out": fan_out} if STAGE[name].units else {}
+            try:
+                results.append(STAGE_FLOWS[name](config_path=config_path, force=force, overrides=merged, **extra))
+            except Exception as err:  # noqa: BLE001 - the stage flow logged its reason; end on the same line
+                return Failed(message=f"{name} failed: {one_line(err)}", data=err)
+    _announce_pairs(cfg, str(config_path), results)
+    return results
+
+
+@flow(name="regdpo-work-item", flow_run_name="{item[stage]}-{item[index]}",
+      description="one work item of a unit stage (what a stage flow fans out with fan_out: deployments)")
+def work_item_flow(config_path: str, item: dict[str, Any], overrides: Optional[dict[str, Any]] = None,
+                   device: Optional[str] = None) -> dict[str, Any]:
+    """Do one work item of generate/encode (ingest too) on this worker; its units go to the workdir's staging.
+
+    Idempotent: units already finished are skipped, so a retried or duplicated run costs nothing.
+    The stage flow that planned the item publishes once every item is done.
+
+    Args:
+        config_path: The stage flow's config (same project layout on every worker).
+        item: The work item, as planned by the stage flow (stage, index, units).
+        overrides: The stage flow's config overrides.
+        device: Device to run on (default: the config's, e.g. cuda).
+    """
+    logger = get_run_logger()
+    try:
+        cfg = load_config(config_path, overrides)
+        stage = STAGE[item["stage"]].name
+    except (KeyError, *USER_ERRORS) as err:
+        return _failed(logger, "work item", err)
+    with _gpu_slot(stage):
+        counts = stage_lib.run_work_item(cfg, item, device=device)
+    logger.info("%s: work item %s: %s", stage, item.get("index"), counts)
+    return counts
+
+
+__all__ = ["STAGE_FLOWS", "regdpo_pipeline", "run_stage_task", "work_item_flow",
+           *(fl.fn.__name__ for fl in STAGE_FLOWS.values())]
+assert tuple(STAGE_FLOWS) == stage_lib.STAGES

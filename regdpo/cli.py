@@ -79,36 +79,46 @@ def run(
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="redo every stage of the run even if current")] = False,
     set_: SetOpt = None,
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks (Prefect's and this command's)")] = False,
 ) -> None:
     """Run the pipeline through Prefect (current stages are skipped), or rerun the named stages."""
     overrides = _parse_sets(set_)
     cfg = _load(config, overrides)
     try:
         names = order(stage or None)
-        check_inputs(cfg, names)
+        check_inputs(cfg, names)  # fails in milliseconds, before Prefect is even imported
     except (ValueError, StageInputError) as err:
         _fail(str(err))
 
     # Prefect reads its settings at import; the user's own values (PREFECT_API_URL, ...) win.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pipelines.flows import regdpo_pipeline
+    from pipelines.flows import one_line, regdpo_pipeline
+    from pipelines.logs import hide_console_tracebacks
+    from pipelines.server import ensure_api
 
-    try:
-        results = regdpo_pipeline(
-            config_path=str(config.resolve()),
-            stages=list(stage) if stage else None,
-            # Naming a stage is asking for it to run: `--stage evaluate` redoes evaluate alone.
-            force=force or bool(stage),
-            overrides=overrides or None,
-        )
-    except StageInputError as err:
-        _fail(str(err))
-    except (ValueError, FileNotFoundError) as err:
-        # Bad inputs found while a stage ran (a manifest whose every video is rejected, a clip
-        # spec that no longer matches the files...): the message says what to fix. Prefect has
-        # already logged the traceback with the flow run.
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=1) from None
+    if not debug:
+        hide_console_tracebacks()  # the run's logs on the server keep theirs
+    ensure_api(lambda line: typer.echo(line, err=True))
+    state = regdpo_pipeline(
+        config_path=str(config.resolve()),
+        stages=list(stage) if stage else None,
+        # Naming a stage is asking for it to run: `--stage evaluate` redoes evaluate alone.
+        force=force or bool(stage),
+        overrides=overrides or None,
+        return_state=True,
+    )
+    if not state.is_completed():
+        err = state.result(raise_on_failure=False)
+        if debug and isinstance(err, BaseException):
+            import traceback
+
+            traceback.print_exception(err)
+        # The flow's message already says which stage failed and why, on one line.
+        message = state.message or (one_line(err) if isinstance(err, BaseException) else state.name)
+        hint = "" if debug or isinstance(err, (ValueError, StageInputError)) else " (--debug shows the traceback)"
+        typer.echo(f"error: {message}{hint}", err=True)
+        raise typer.Exit(code=1)
+    results = state.result()
 
     for r in results:
         state = "skipped" if r["skipped"] else "ran"
@@ -170,6 +180,49 @@ def compare(
         _fail(str(err))
     for path in written.values():
         typer.echo(str(path))
+
+
+@app.command()
+def serve(
+    port: Annotated[int, typer.Option(help="the server's port")] = 4200,
+    host: Annotated[str, typer.Option(help="address to listen on; beyond loopback needs PREFECT_SERVER_API_AUTH_STRING")
+                    ] = "127.0.0.1",
+    cpu_limit: Annotated[int, typer.Option(min=1, help="flow runs the cpu-pool worker runs at once")] = 2,
+    gpu_limit: Annotated[Optional[int], typer.Option(min=1, help="flow runs the gpu-pool worker runs at once and "
+                                                     "slots of the regdpo-gpu limit (default: the GPUs found, or 1)")
+                         ] = None,
+) -> None:
+    """One machine: a Prefect server with its UI, the work pools and a worker per pool, until Ctrl-C.
+
+    Then, in another shell: export PREFECT_API_URL=http://127.0.0.1:4200/api; regdpo deploy.
+    """
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pipelines.deploy import project_root
+    from pipelines.server import serve as serve_all
+
+    try:
+        code = serve_all(host, port, cpu_limit, gpu_limit, project_root(), typer.echo)
+    except (ValueError, RuntimeError) as err:
+        _fail(f"error: {err}")
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def deploy(
+    nightly: Annotated[Optional[Path], typer.Option(help="config for the nightly deployments; turns their schedule on")
+                       ] = None,
+    gpus: Annotated[int, typer.Option(min=1, help="slots of the regdpo-gpu limit if it is created now (GPUs in all)")
+                    ] = 1,
+) -> None:
+    """Register prefect.yaml's deployments on the server at PREFECT_API_URL (creating missing pools)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from pipelines.deploy import deploy as deploy_all
+
+    try:
+        for name in deploy_all(nightly, gpus, typer.echo):
+            typer.echo(f"  {name}")
+    except (ValueError, RuntimeError) as err:
+        _fail(f"error: {err}")
 
 
 if __name__ == "__main__":

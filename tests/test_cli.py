@@ -118,6 +118,6 @@ def test_stage_input_problem_is_a_message_not_a_traceback(config_path, monkeypat
     monkeypatch.setattr(stages, "get_impl", lambda name: build)
     result = runner.invoke(app, ["run", str(config_path), "--stage", "ingest"])
     assert result.exit_code == 1
-    # Prefect logs the traceback with the flow run; the command itself ends on the plain message
-    assert result.stderr.rstrip().endswith("error: manifest.csv: no clip was accepted; fix or replace these inputs")
+    # the command ends on one line naming the stage and the reason; no traceback anywhere
+    assert result.stderr.rstrip().endswith("error: ingest failed: manifest.csv: no clip was accepted; fix or replace these inputs")
     assert isinstance(result.exception, SystemExit)

@@ -1,60 +1,69 @@
-"""Prefect flows (pipelines.flows) over fake builders.
+"""Prefect flows (pipelines.flows) over fake stages (tests/fakes.py).
 
 Tests marked `prefect` share one temporary Prefect server per session (`prefect_harness`); the
-rest call `.fn()` and need no server.
+rest need no server. The real-server, real-worker path is in test_deploy_server.py.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from pipelines import flows
+from pipelines import artifacts, flows
 from regdpo.config import load_config
+from regdpo.stages.registry import STAGE
 from regdpo.stages.runner import STAGES, StageInputError, stage_dir
 
 
+@pytest.fixture
+def cfg_path(config_path: Path) -> Path:
+    """The tiny config with a three-row manifest (the fake ingest has one unit per row)."""
+    (config_path.parent / "manifest.csv").write_text("path,caption\na.mp4,one\nb.mp4,two\nc.mp4,three\n")
+    return config_path
+
 
 def _mtimes(workdir: Path, exclude: Path) -> dict[str, int]:
-    return {
-        str(p): p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file() and exclude not in p.parents
-    }
+    return {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")
+            if p.is_file() and exclude not in p.parents and ".regdpo.lock" not in p.name}
+
+
+def _tracebacks(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info and r.exc_info[0] is not None]
 
 
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
-def test_pipeline_runs_all_stages_in_order_then_skips(config_path, fake_builders):
-    results = flows.regdpo_pipeline(config_path=str(config_path))
+def test_pipeline_runs_all_stages_in_order_then_skips(cfg_path, fake_builders):
+    results = flows.regdpo_pipeline(config_path=str(cfg_path))
     assert fake_builders == list(STAGES)
     assert [r["stage"] for r in results] == list(STAGES)
     assert set(results[0]) == {"stage", "path", "fingerprint", "skipped", "seconds", "summary"}
     assert not any(r["skipped"] for r in results)
     json.dumps(results)  # small and plain: paths, fingerprints, counts
-    workdir = Path(load_config(config_path).workdir)
+    workdir = Path(load_config(cfg_path).workdir)
     for r in results:
         assert Path(r["path"]) == stage_dir(workdir, r["stage"])
         assert (Path(r["path"]) / "stage.json").is_file()
 
-    again = flows.regdpo_pipeline(config_path=str(config_path))
+    again = flows.regdpo_pipeline(config_path=str(cfg_path))
     assert fake_builders == list(STAGES)  # nothing ran twice
     assert all(r["skipped"] for r in again)
-    assert [r["fingerprint"] for r in again] == [r["fingerprint"] for r in results]
 
 
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
-def test_single_stage_rerun_touches_only_that_stage(config_path, fake_builders):
-    flows.regdpo_pipeline(config_path=str(config_path))
-    workdir = Path(load_config(config_path).workdir)
+def test_single_stage_rerun_touches_only_that_stage_and_names_show_the_workdir(cfg_path, fake_builders):
+    flows.regdpo_pipeline(config_path=str(cfg_path))
+    workdir = Path(load_config(cfg_path).workdir)
     eval_dir = stage_dir(workdir, "evaluate")
     before = _mtimes(workdir, exclude=eval_dir)
     fake_builders.clear()
 
-    results = flows.regdpo_pipeline(
-        config_path=str(config_path), stages=["evaluate"], overrides={"evaluate.seed": 7}
-    )
+    results = flows.regdpo_pipeline(config_path=str(cfg_path), stages=["evaluate"], force=True,
+                                    overrides={"evaluate.seed": 7})
     assert fake_builders == ["evaluate"]
     assert [(r["stage"], r["skipped"]) for r in results] == [("evaluate", False)]
     assert _mtimes(workdir, exclude=eval_dir) == before
@@ -64,80 +73,210 @@ def test_single_stage_rerun_touches_only_that_stage(config_path, fake_builders):
 
     with get_client(sync_client=True) as client:
         names = {run.name for run in client.read_flow_runs()}
-    assert {"pipeline-evaluate-config", "evaluate-config"} <= names
+    label = f"{workdir.parent.name}/{workdir.name}"
+    assert {f"pipeline evaluate {label} (redo)", f"evaluate {label} (redo)"} <= names
 
 
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
-def test_missing_input_surfaces_as_stage_input_error(config_path, fake_builders):
+def test_a_stage_flow_redoes_its_stage_unless_told_not_to(cfg_path, fake_builders):
+    """A stage deployment run means `regdpo run --stage`: the stage runs even when current."""
+    first = flows.ingest_flow(config_path=str(cfg_path))
+    second = flows.ingest_flow(config_path=str(cfg_path))
+    assert not first["skipped"] and not second["skipped"]
+    assert fake_builders == ["ingest", "ingest"]
+    assert flows.ingest_flow(config_path=str(cfg_path), force=False)["skipped"]
+    assert fake_builders == ["ingest", "ingest"]
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_typed_parameters_reach_the_config(cfg_path, fake_builders, tmp_path):
+    flows.regdpo_pipeline(config_path=str(cfg_path), stages=["ingest", "generate", "encode"])
+    other = tmp_path / "elsewhere"
+    out = flows.train_flow(config_path=str(cfg_path), max_steps=7, beta=250.0, objective="dpo",
+                           overrides={"train.max_steps": 3, "workdir": str(other)}, workdir=str(cfg_path.parent / "run"))
+    resolved = load_config(Path(out["path"]) / "config.yaml")  # written by the runner beside the outputs
+    assert (resolved.train.max_steps, resolved.train.beta, resolved.train.objective) == (7, 250.0, "dpo")
+    assert not other.exists()  # the typed workdir wins over the same key in overrides
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_missing_input_fails_before_anything_runs(cfg_path, fake_builders):
     with pytest.raises(StageInputError, match="run ingest first"):
-        flows.regdpo_pipeline(config_path=str(config_path), stages=["generate"])
-    # the stage flow alone (as its own deployment would run it) fails the same way, in the runner
+        flows.regdpo_pipeline(config_path=str(cfg_path), stages=["generate"])
+    # the stage flow alone (as its own deployment would run it) fails the same way
     with pytest.raises(StageInputError, match="run ingest first"):
-        flows.generate_flow(config_path=str(config_path))
+        flows.generate_flow(config_path=str(cfg_path))
     assert fake_builders == []
 
 
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
-def test_generate_retries_transient_errors_only(config_path, fake_builders, monkeypatch):
+def test_wrong_model_path_fails_before_ingest_once_without_traceback(cfg_path, fake_builders, caplog):
+    state = flows.regdpo_pipeline(config_path=str(cfg_path), overrides={"model.preset": None, "model.path": "/no/model"},
+                                  return_state=True)
+    assert state.is_failed() and "model.path /no/model" in state.message
+    assert fake_builders == []  # ingest never ran
+    assert not stage_dir(load_config(cfg_path).workdir, "ingest").exists()
+    assert _tracebacks(caplog) == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [state.message]  # one line, logged once
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_transient_errors_retry_once_user_errors_never_and_one_traceback_at_most(cfg_path, fake_builders,
+                                                                                 monkeypatch, caplog):
     import regdpo.stages
+    from tests.fakes import fake_build
 
     monkeypatch.setattr(flows, "RETRY_DELAY_S", 0)
-    flows.ingest_flow(config_path=str(config_path))
-    fake = regdpo.stages.get_builder
+    flows.regdpo_pipeline(config_path=str(cfg_path), stages=["ingest", "generate", "encode"])
+    real_get_impl = regdpo.stages.get_impl
     attempts: list[str] = []
 
-    def flaky(name):
-        def build(ctx):
-            attempts.append(name)
-            if len(attempts) == 1:
-                raise OSError("NFS hiccup")
-            return fake(name)(ctx)
+    def with_train(build):
+        monkeypatch.setattr(regdpo.stages, "get_impl", lambda name: build if name == "train" else real_get_impl(name))
 
-        return build
+    def flaky(ctx):
+        attempts.append("train")
+        if len(attempts) == 1:
+            raise OSError("NFS hiccup")
+        return fake_build("train", [])(ctx)
 
-    monkeypatch.setattr(regdpo.stages, "get_builder", flaky)
-    out = flows.generate_flow(config_path=str(config_path))
-    assert attempts == ["generate", "generate"] and not out["skipped"]
+    with_train(flaky)
+    out = flows.train_flow(config_path=str(cfg_path))
+    assert attempts == ["train", "train"] and not out["skipped"]
 
-    def bad_value(name):
-        def build(ctx):
-            attempts.append(name)
-            raise ValueError("a clip has no caption")
-
-        return build
+    def bad_value(ctx):
+        attempts.append("train")
+        raise ValueError("a clip has no caption")
 
     attempts.clear()
-    monkeypatch.setattr(regdpo.stages, "get_builder", bad_value)
-    with pytest.raises(ValueError, match="no caption"):
-        flows.generate_flow(config_path=str(config_path), force=True)
-    assert attempts == ["generate"]  # a user-input error is not retried
+    caplog.clear()
+    with_train(bad_value)
+    state = flows.regdpo_pipeline(config_path=str(cfg_path), stages=["train"], force=True, return_state=True)
+    assert attempts == ["train"]  # a user-input error is not retried
+    assert state.message == "train failed: a clip has no caption"
+    assert isinstance(state.result(raise_on_failure=False), ValueError)
+    assert _tracebacks(caplog) == []
+    assert "train failed: a clip has no caption" in [r.getMessage() for r in caplog.records]
+
+    def bug(ctx):
+        attempts.append("train")
+        raise RuntimeError("index out of range")
+
+    attempts.clear()
+    caplog.clear()
+    with_train(bug)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        flows.regdpo_pipeline(config_path=str(cfg_path), stages=["train"], force=True)
+    assert attempts == ["train", "train"]
+    assert len(_tracebacks(caplog)) == 1  # the task's, once retries are exhausted; not the flows'
 
 
-# --- plain logic through .fn(): no server ---------------------------------------------------
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_pipeline_leaves_artifacts(cfg_path, fake_builders):
+    import pandas as pd
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterName
+
+    flows.regdpo_pipeline(config_path=str(cfg_path))
+    workdir = Path(load_config(cfg_path).workdir)
+    # a rejects table and training metrics as the real stages write them, then a rerun shows them
+    pd.DataFrame({"row": [3], "path": ["c.mp4"], "reason": ["too short: 0.4 s"]}).to_parquet(
+        stage_dir(workdir, "ingest") / "rejects.parquet")
+    (stage_dir(workdir, "train") / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "loss": 0.7 - i / 100, "s": -i / 1000}) + "\n" for i in range(60)) + '{"step": 6')
+    flows.regdpo_pipeline(config_path=str(cfg_path))
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(like_=f"ingest {workdir.parent.name}/run")))[0]
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[artifacts.key("ingest", "rejects"), artifacts.key("train", "curves"),
+                  artifacts.key("evaluate", "report"), artifacts.key("ingest", "summary")])))}
+    assert set(found) == {"regdpo-ingest-rejects", "regdpo-train-curves", "regdpo-evaluate-report",
+                          "regdpo-ingest-summary"}
+    assert found["regdpo-ingest-rejects"].type == "table"
+    rows = json.loads(found["regdpo-ingest-rejects"].data)
+    assert rows == [{"row": "3", "path": "c.mp4", "reason": "too short: 0.4 s"}]
+    assert found["regdpo-evaluate-report"].data.startswith("# report")
+    curves = found["regdpo-train-curves"].data
+    assert "| 0 | 0.7 | 0 |" in curves and "| 59 | 0.11 | -0.059 |" in curves  # first and last step, torn line dropped
+    assert run.state.is_completed()
 
 
-def test_stage_task_fn_returns_small_dict(config_path, fake_builders):
-    cfg = load_config(config_path)
-    out = flows.run_stage_task.fn(cfg, "ingest")
-    assert out["stage"] == "ingest" and out["skipped"] is False and out["summary"] == {"num_items": 3}
-    assert flows.run_stage_task.fn(cfg, "ingest")["skipped"] is True
-    assert flows.run_stage_task.fn(cfg, "ingest", force=True)["skipped"] is False
-    assert fake_builders == ["ingest", "ingest"]
+def test_fork_in_a_flow_run_exits_cleanly():
+    """Without pipelines/forksafe.py, a forked child (torch DataLoader workers) exits with code 1."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing as mp\n"
+        "from prefect import flow, task\n"
+        "import pipelines.flows\n"  # installs the fork cleanup, as every flow-run process does
+        "@task\n"
+        "def t():\n"
+        "    p = mp.get_context('fork').Process(target=print, args=('child',)); p.start(); p.join()\n"
+        "    return p.exitcode\n"
+        "@flow\n"
+        "def f():\n"
+        "    return t()\n"
+        "print('exitcode', f())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "exitcode 0" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+# --- plain logic: no server ---------------------------------------------------------------
 
 
 def test_retry_condition():
     from prefect.states import Failed
 
+    from regdpo.stages import WorkdirLocked
+
     assert flows._retry_transient(None, None, Failed(data=OSError("CUDA out of memory")))
     assert not flows._retry_transient(None, None, Failed(data=StageInputError("run ingest first")))
     assert not flows._retry_transient(None, None, Failed(data=ValueError("bad clip")))
+    assert not flows._retry_transient(None, None, Failed(data=WorkdirLocked("held by pid 1")))
 
 
-def test_every_stage_has_a_flow_with_the_same_parameters():
+def test_stage_flows_come_from_the_registry_with_described_parameters():
     assert list(flows.STAGE_FLOWS) == list(STAGES)
     for name, fl in flows.STAGE_FLOWS.items():
-        assert fl.name == f"regdpo-{name}"
-        assert set(fl.parameters.properties) == {"config_path", "force", "overrides"}
-    assert set(flows.regdpo_pipeline.parameters.properties) == {"config_path", "stages", "force", "overrides"}
+        stage = STAGE[name]
+        assert fl.name == f"regdpo-{name}" and getattr(flows, f"{name}_flow") is fl
+        props = fl.parameters.properties
+        expected = {"config_path", "force", "workdir", "overrides"}
+        expected |= {"max_steps", "beta", "objective"} if "train" in stage.sections else set()
+        expected |= {"fan_out"} if stage.units else set()
+        assert set(props) == expected, name
+        assert props["force"]["default"] is True  # a stage deployment run redoes its stage
+        assert all(p.get("description") for p in props.values()), name
+    pipe = flows.regdpo_pipeline.parameters.properties
+    assert set(pipe) == {"config_path", "stages", "force", "workdir", "max_steps", "beta", "objective", "fan_out",
+                         "overrides"}
+    assert all(p.get("description") for p in pipe.values())
+    assert pipe["stages"]["anyOf"][0]["items"]["enum"] == list(STAGES)  # an enum in the UI form
+    assert pipe["objective"]["anyOf"][0]["enum"] == ["reg-dpo", "dpo", "sft"]
+    assert pipe["beta"]["anyOf"][0]["exclusiveMinimum"] == 0  # TrainConfig's bound, not a copy
+    assert pipe["force"]["default"] is False
+
+
+def test_artifact_markdown_helpers(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"png")
+    report = tmp_path / "report.md"
+    report.write_text("# r\n![curves](a.png) [site](https://x.org) [sub](samples/s.mp4)\n")
+    text = artifacts.report_markdown(report)
+    assert f"[curves]({(tmp_path / 'a.png').as_uri()})" in text
+    assert "[site](https://x.org)" in text and (tmp_path / "samples" / "s.mp4").as_uri() in text
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(100)))
+    table = [ln for ln in artifacts.curves_markdown(metrics).splitlines() if ln.startswith("| ") and ln[2].isdigit()]
+    assert len(table) <= artifacts.CURVE_POINTS + 1 and table[0].startswith("| 0 ") and table[-1].startswith("| 99 ")
