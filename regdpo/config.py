@@ -144,6 +144,10 @@ class TimestepConfig(_Strict):
 
 
 class TrainConfig(_Strict):
+    """Reg-DPO training. Fields marked runtime say where and how fast it runs (processes,
+    accumulation split, loader workers, checkpoint cadence, how the reference is held): they are
+    in no fingerprint, and the trajectory does not depend on them."""
+
     objective: Literal["reg-dpo", "dpo", "sft"] = "reg-dpo"
     beta: float = Field(default=1000.0, gt=0)
     r_mode: Literal["dgr", "constant"] = "dgr"
@@ -155,19 +159,51 @@ class TrainConfig(_Strict):
     learning_rate: float = Field(default=1e-4, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_steps: int = Field(default=0, ge=0)
-    max_steps: int = Field(default=1000, ge=1)
-    batch_size: int = Field(default=1, ge=1)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="after warmup: constant, or cosine down to min_lr_ratio x learning_rate at max_steps")
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    ema_decay: float | None = Field(default=None, gt=0, lt=1,
+                                    description="keep an EMA of the trained weights (exported as final/); e.g. 0.999")
+    max_steps: int = Field(default=1000, ge=1, description="optimizer steps on the current shard set")
+    batch_size: int = Field(default=1, ge=1, description="pairs per optimizer step over all processes (global batch)")
     grad_clip: float = Field(default=1.0, gt=0)
+    seed: int = 0
+    resume: Literal["continue", "fresh"] = runtime(
+        "continue", description="continue: a finished or interrupted run with the same settings continues from its "
+                                "last checkpoint (also over an enlarged shard set); fresh: start at step 0")
+    reference: Literal["auto", "adapters-off", "copy", "precomputed"] = runtime(
+        "auto", description="how the DPO reference is held: auto = adapters-off for LoRA, copy for full fine-tuning")
+    reference_offload: bool = runtime(False, description="copy reference: keep it on the CPU between uses")
+    num_processes: int = runtime(1, ge=1, description="processes (GPUs) the train stage launches with torchrun")
+    parallelism: Literal["ddp", "fsdp"] = runtime("ddp", description="ddp: replicate; fsdp: FSDP2 per transformer block")
+    gradient_accumulation_steps: int = runtime(1, ge=1, description="micro-batches per optimizer step and process")
+    loader_workers: int = runtime(2, ge=0, description="DataLoader worker processes per training process")
+    max_nonfinite_steps: int = runtime(3, ge=1, description="abort after this many skipped (non-finite) steps in a row")
+    log_every: int = runtime(10, ge=1, description="steps between progress log lines and TensorBoard points")
     checkpoint_every: int = runtime(500, ge=1)
     keep_checkpoints: int = runtime(2, ge=1)
     gradient_checkpointing: bool = runtime(False)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _r(self) -> "TrainConfig":
         if self.r_mode == "constant" and self.objective == "reg-dpo" and self.r_constant == 0:
             raise ValueError("train.r_constant is 0 with r_mode: constant, which is plain DPO; set r_constant > 0 or objective: dpo")
+        if self.reference == "adapters-off" and self.finetune != "lora":
+            raise ValueError("train.reference adapters-off needs train.finetune: lora; use copy or precomputed for full "
+                             "fine-tuning (or auto)")
+        split = self.num_processes * self.gradient_accumulation_steps
+        if self.batch_size % split != 0:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.num_processes x "
+                             f"train.gradient_accumulation_steps ({self.num_processes} x "
+                             f"{self.gradient_accumulation_steps}); it is the global number of pairs per step")
         return self
+
+    @property
+    def reference_mode(self) -> str:
+        """`reference` with auto resolved."""
+        if self.reference != "auto":
+            return self.reference
+        return "adapters-off" if self.finetune == "lora" else "copy"
 
 
 class BootstrapConfig(_Strict):

@@ -66,8 +66,25 @@ def sft_coefficient(
 
 @dataclass
 class PreferenceLossOutput:
-    loss: torch.Tensor  # scalar, differentiable
-    metrics: dict[str, float] = field(default_factory=dict)
+    loss: torch.Tensor  # scalar, differentiable: the mean of pair_loss
+    metrics: dict[str, float] = field(default_factory=dict)  # batch means, plain floats
+    # (B,) per pair: the differentiable loss, and every metric detached. A trainer that splits
+    # a global batch over processes and micro-batches sums these and divides by the global
+    # batch size, so its numbers do not depend on the split.
+    pair_loss: torch.Tensor | None = None
+    per_pair: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _output(pair_loss: torch.Tensor, per_pair: dict[str, torch.Tensor]) -> PreferenceLossOutput:
+    per_pair = {"loss": pair_loss.detach(), **{k: v.detach().float() for k, v in per_pair.items()}}
+    return PreferenceLossOutput(loss=pair_loss.mean(), metrics={k: v.mean().item() for k, v in per_pair.items()},
+                                pair_loss=pair_loss, per_pair=per_pair)
+
+
+def winner_loss(err_w: torch.Tensor) -> PreferenceLossOutput:
+    """Objective "sft" alone: the winner's error, mean over pairs. Needs neither the loser nor
+    the reference, so a trainer runs neither."""
+    return _output(err_w, {"sft_loss": err_w, "err_w": err_w})
 
 
 def preference_loss(
@@ -84,12 +101,15 @@ def preference_loss(
 ) -> PreferenceLossOutput:
     """The training loss for a batch of pairs, from per-sample errors of shape (B,).
 
-    objective: "reg-dpo" (DPO + r·err_θ(w)), "dpo" (r = 0) or "sft" (err_θ(w) alone). The
-    reference errors must not require grad. Metrics are batch means (implicit_acc is the
-    fraction of pairs with s < 0), all plain floats for logging.
+    objective: "reg-dpo" (DPO + r·err_θ(w)), "dpo" (r = 0) or "sft" (err_θ(w) alone, see
+    `winner_loss`; err_l and the reference errors are then ignored). The reference errors must
+    not require grad. Metrics are batch means (implicit_acc is the fraction of pairs with
+    s < 0), all plain floats for logging; `per_pair` holds the same per pair.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if objective == "sft":
+        return winner_loss(err_w)
     ref_err_w, ref_err_l = ref_err_w.detach(), ref_err_l.detach()
     s = preference_margin(err_w, err_l, ref_err_w, ref_err_l)
     l_dpo = dpo_loss(s, beta)
@@ -98,25 +118,17 @@ def preference_loss(
         r = sft_coefficient(s, beta, r_mode=r_mode, r_scale=r_scale, r_constant=r_constant)
     else:
         r = torch.zeros_like(s)
-    sft = r * err_w
-    if objective == "sft":
-        loss = err_w.mean()
-    else:
-        loss = (l_dpo + sft).mean()
-
-    metrics = {
-        "loss": loss.item(),
-        "dpo_loss": l_dpo.mean().item(),
-        "sft_loss": err_w.mean().item(),
-        "s": s.mean().item(),
-        "dgr": ratio.mean().item(),
-        "r": r.mean().item(),
-        "win_gap": (err_w - ref_err_w).mean().item(),
-        "lose_gap": (err_l - ref_err_l).mean().item(),
-        "implicit_acc": (s < 0).float().mean().item(),
-        "err_w": err_w.mean().item(),
-        "err_l": err_l.mean().item(),
-        "ref_err_w": ref_err_w.mean().item(),
-        "ref_err_l": ref_err_l.mean().item(),
-    }
-    return PreferenceLossOutput(loss=loss, metrics=metrics)
+    return _output(l_dpo + r * err_w, {
+        "dpo_loss": l_dpo,
+        "sft_loss": err_w,
+        "s": s,
+        "dgr": ratio,
+        "r": r,
+        "win_gap": err_w - ref_err_w,
+        "lose_gap": err_l - ref_err_l,
+        "implicit_acc": (s < 0).float(),
+        "err_w": err_w,
+        "err_l": err_l,
+        "ref_err_w": ref_err_w,
+        "ref_err_l": ref_err_l,
+    })

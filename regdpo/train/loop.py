@@ -1,190 +1,278 @@
 """The Reg-DPO training loop: train -> train_step -> forward_backward.
 
-Run it through the pipeline (`regdpo run CONFIG --stage train`) or from Python:
+    spec = load_model(cfg.model)           # loads nothing: training builds the denoiser alone
+    train(cfg, spec, PairSource.from_index(workdir / "shards"), out_dir)
 
-    spec = load_model(cfg.model)          # loads nothing; train builds the denoiser alone
-    train(cfg, spec, shard_urls(workdir / "shards", "train"), out_dir)
+Run it through the pipeline (`regdpo run CONFIG --stage train`: the train stage launches
+torchrun itself for train.num_processes > 1) or in every process of your own torchrun
+(`torchrun --nproc-per-node N -m regdpo.train.launch CONFIG`). One code path for 1..N processes
+(distributed.py): `train.batch_size` pairs per optimizer step over all processes, split over
+processes and `train.gradient_accumulation_steps` micro-batches without changing the
+trajectory (loader.py, rng.py). Mixed precision: float32 master weights and AdamW state for
+everything trained, forward passes in `model.dtype`.
 
-Writes out_dir/metrics.jsonl (one line per step with every METHOD.md diagnostic),
-out_dir/checkpoints/step-NNNNNN/ and out_dir/final/ (diffusers-format LoRA, or the full
-transformer). Resumes from the latest checkpoint in out_dir.
+Writes into out_dir (rank 0): metrics.jsonl, checkpoints/step-NNNNNN/, final/ (a diffusers
+LoRA, or final/transformer for full fine-tuning; the EMA weights with train.ema_decay), and
+reference/ (train.reference: precomputed), tensorboard/. Continues from the latest checkpoint
+in out_dir (same lineage); over a shard set that grew since, as a new segment (lineage.py).
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
-import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from regdpo.config import Config
-from regdpo.data.shards import conditioning
-from regdpo.flow_matching import pair_noise
-from regdpo.losses import PreferenceLossOutput, per_sample_error, preference_loss
-from regdpo.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from regdpo.train.data import pair_stream
-from regdpo.train.reference import make_reference
+from regdpo.losses import per_sample_error, preference_loss, winner_loss
+from regdpo.models.base import ADAPTER_NAME
+from regdpo.train import distributed as D
+from regdpo.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, training_tensors
+from regdpo.train.lineage import lineage_of, resume_state
+from regdpo.train.loader import PairSource, Split, make_loader
+from regdpo.train.observe import TrainLog
+from regdpo.train.optim import EMA, lr_at, make_optimizer, set_lr
+from regdpo.train.pairs import nonfinite_pairs, pair_inputs
+from regdpo.train.reference import AdaptersOffReference, CopyReference, precompute
+from regdpo.train.rng import derive_seed, seed_dropout
 
-
-def is_rank0() -> bool:
-    """The one predicate for rank-0-only work (logging, checkpoints, final weights)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _check_supported(spec) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RuntimeError("multi-process training (torchrun with WORLD_SIZE > 1) is not supported yet; run one process")
+# Per-pair diagnostics in the order metrics.jsonl lists them (METHOD.md).
+METRICS = ("loss", "dpo_loss", "sft_loss", "s", "dgr", "r", "win_gap", "lose_gap", "implicit_acc",
+           "err_w", "err_l", "ref_err_w", "ref_err_l")
 
 
 @dataclass
-class PairInputs:
-    """Model inputs and targets of a batch of pairs: winner and loser share t, ε and conditioning."""
+class Run:
+    """Everything a step needs."""
 
-    noisy_w: torch.Tensor
-    noisy_l: torch.Tensor
-    target_w: torch.Tensor
-    target_l: torch.Tensor
-    t: torch.Tensor
-    cond: dict[str, torch.Tensor]
-
-
-def pair_inputs(spec, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> PairInputs:
-    """Draw ONE (t, ε) per pair and apply it to both members (METHOD.md: shared within a pair)."""
-    tc, device = cfg.train, spec.device
-    latents_w = batch["latents_w"].to(device, torch.float32)
-    latents_l = batch["latents_l"].to(device, torch.float32)
-    noise = pair_noise(latents_w, generator)
-    t = spec.sample_timesteps(latents_w.shape[0], tc.timesteps, generator).to(device)  # the family's schedule
-    noisy_w, target_w = spec.noisy_and_target(latents_w, noise, t)
-    noisy_l, target_l = spec.noisy_and_target(latents_l, noise, t)
-    cond = {k: v.to(device) for k, v in conditioning(batch).items()}
-    return PairInputs(noisy_w, noisy_l, target_w, target_l, t, cond)
+    cfg: Config
+    spec: Any
+    ctx: D.DistContext
+    model: torch.nn.Module  # what forward passes call: DDP-wrapped, FSDP-sharded, or the denoiser
+    denoiser: torch.nn.Module  # the denoiser itself (adapters, state dicts)
+    params: dict[str, torch.nn.Parameter]  # the trained weights, float32
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    reference: Any  # None for objective sft
+    precision: Any  # () -> context manager for forward passes
+    state: TrainState
 
 
-def pair_loss(cfg: Config, err_w, err_l, ref_err_w, ref_err_l) -> PreferenceLossOutput:
-    """The configured objective on per-sample errors; a non-finite loss is an error."""
+def train(cfg: Config, spec, source: PairSource | list[str], out_dir: Path, *,
+          ctx: D.DistContext | None = None) -> dict[str, Any]:
+    """Train until `train.max_steps` steps on the current shard set; returns a small summary."""
+    source = source if isinstance(source, PairSource) else PairSource.from_urls(list(source))
+    own_ctx = ctx is None
+    if ctx is None:
+        ctx = D.init(cfg.model.device, need_group=cfg.train.parallelism == "fsdp")
+    try:
+        return _train(cfg, spec, source, Path(out_dir), ctx)
+    finally:
+        if own_ctx:
+            D.shutdown(ctx)
+
+
+def _train(cfg: Config, spec, source: PairSource, out_dir: Path, ctx: D.DistContext) -> dict[str, Any]:
     tc = cfg.train
-    out = preference_loss(err_w, err_l, ref_err_w, ref_err_l, beta=tc.beta, objective=tc.objective,
-                          r_mode=tc.r_mode, r_scale=tc.r_scale, r_constant=tc.r_constant)
-    if not torch.isfinite(out.loss):
-        raise FloatingPointError(f"non-finite loss {out.loss.item()} (metrics {out.metrics}); lower train.learning_rate")
-    return out
+    if spec.device != ctx.device:
+        raise ValueError(f"the model spec runs on {spec.device} but this process trains on {ctx.device}: build the "
+                         "spec with model.device set to the process's device")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lineage = lineage_of(cfg, spec)
+    state, latest = resume_state(out_dir / "checkpoints", lineage, source)
+    end_step = state.segment_start + tc.max_steps
+    if state.step > end_step:
+        raise ValueError(f"{latest} is at step {state.step}, past train.max_steps ({tc.max_steps} steps on this shard "
+                         f"set, from step {state.segment_start}): raise max_steps or start fresh (train.resume: fresh)")
+    split = Split(tc.batch_size, ctx.world_size, ctx.rank, tc.gradient_accumulation_steps)
+    run = _build(cfg, spec, ctx, source, split, out_dir, state, lineage, end_step)
+    if latest is not None:
+        load_checkpoint(latest, training_tensors(run.params, run.optimizer, run.ema, create_optimizer_state=True))
+
+    loader = make_loader(source, split, seed=tc.seed, segment=state.segment, segment_start=state.segment_start,
+                         start_step=state.step, end_step=end_step, num_workers=tc.loader_workers,
+                         pin_memory=ctx.device.type == "cuda")
+    log = TrainLog(out_dir, start_step=state.step, end_step=end_step, log_every=tc.log_every, enabled=ctx.is_rank0)
+    last: dict[str, Any] = {}
+    bad_keys: list[str] = []
+    try:
+        batches = iter(loader)
+        while state.step < end_step:
+            micro = [next(batches) for _ in range(tc.gradient_accumulation_steps)]
+            last = train_step(run, micro)
+            # pairs with non-finite data in the current run of skipped steps, for the message
+            bad_keys = [*bad_keys, *last.pop("_bad_keys")] if last["skipped"] else []
+            log.record(last)
+            state.step += 1
+            if state.nonfinite_run >= tc.max_nonfinite_steps:
+                raise FloatingPointError(_nonfinite_message(state, last, bad_keys, tc))
+            if state.step % tc.checkpoint_every == 0 or state.step == end_step:
+                save_checkpoint(out_dir / "checkpoints", state, training_tensors(run.params, run.optimizer, run.ema),
+                                ctx, tc.keep_checkpoints)
+    finally:
+        log.close()
+    export_final(run, out_dir / "final")
+    return {"steps": state.step, "segment": state.segment, "segment_steps": state.step - state.segment_start,
+            "num_pairs": source.num_pairs, "skipped_steps": state.skipped_steps,
+            "final_loss": last.get("loss", math.nan) if last else math.nan,
+            "resumed_from": latest.name if latest else None, "processes": ctx.world_size,
+            "reference": tc.reference_mode if tc.objective != "sft" else None}
 
 
-def forward_backward(spec, denoiser, reference, batch: dict[str, Any], cfg: Config, generator: torch.Generator) -> dict[str, float]:
-    """Policy and reference errors of winner and loser, the loss, backward."""
-    x = pair_inputs(spec, batch, cfg, generator)
-    num_pairs = x.t.shape[0]
-    # Winner and loser go through the model as one batch of 2B: same t, same ε, same conditioning.
-    noisy = torch.cat([x.noisy_w, x.noisy_l])
-    target = torch.cat([x.target_w, x.target_l])
-    t2 = torch.cat([x.t, x.t])
-    cond2 = {k: torch.cat([v, v]) for k, v in x.cond.items()}
-
-    ref_err = per_sample_error(reference.predict(spec, noisy, t2, cond2), target)
-    err = per_sample_error(spec.predict(denoiser, noisy, t2, cond2), target)
-    out = pair_loss(cfg, err[:num_pairs], err[num_pairs:], ref_err[:num_pairs], ref_err[num_pairs:])
-    out.loss.backward()
-    return out.metrics
-
-
-def train_step(spec, denoiser, reference, batch, cfg: Config, optimizer, scheduler, params, generator
-               ) -> dict[str, float]:
-    start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    metrics = forward_backward(spec, denoiser, reference, batch, cfg, generator)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-    if not torch.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm at loss {metrics['loss']}; lower train.learning_rate")
-    metrics["lr"] = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    metrics["grad_norm"] = grad_norm.item()
-    metrics["step_time"] = time.perf_counter() - start
-    return metrics
-
-
-def _prepare(spec, denoiser, cfg: Config):
+def _build(cfg: Config, spec, ctx: D.DistContext, source: PairSource, split: Split, out_dir: Path,
+           state: TrainState, lineage: str, end_step: int) -> Run:
+    """Reference table first (so its model is gone before the policy exists), then the policy,
+    parallelized, then the optimizer over its float32 trained weights."""
     tc = cfg.train
+    compute = spec.dtype  # model.dtype: the forward passes' dtype
+    precision = functools.partial(D.autocast, ctx.device, compute, tc.parallelism)
+    mode = tc.reference_mode if tc.objective != "sft" else None
+    reference = None
+    if mode == "precomputed":
+        reference = precompute(spec, cfg, ctx, source, split, out_dir=out_dir, lineage=lineage, segment=state.segment,
+                               segment_start=state.segment_start, end_step=end_step, parallelism=tc.parallelism,
+                               compute_dtype=compute, precision=precision, num_workers=tc.loader_workers)
+
+    # Full fine-tuning loads float32 weights: they are the master copy AdamW updates (an lr
+    # 1e-5 update is lost in bf16). LoRA keeps the frozen base in model.dtype.
+    denoiser = spec.load_denoiser(device="cpu", dtype=torch.float32 if tc.finetune == "full" else compute)
     if tc.finetune == "lora":
         denoiser.requires_grad_(False)
-        spec.add_lora(denoiser, tc.lora)
+        # peft draws lora_A from the global RNG: seed it (on the CPU, so every process and
+        # device starts from the same adapter) without disturbing the caller's stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(tc.seed, "lora-init"))
+            spec.add_lora(denoiser, tc.lora)
     else:
         denoiser.requires_grad_(True)
+    for p in denoiser.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    denoiser.to(ctx.device)
     if tc.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    named = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}
-    if not named:
-        raise RuntimeError("no trainable parameters: check train.finetune and train.lora.target_modules")
-    if tc.finetune == "lora":
-        # LoRA weights in float32 even when the base model is bf16 (stable optimizer updates);
-        # peft casts activations to the adapter's dtype. Full fine-tuning trains in model.dtype:
-        # use dtype float32 there for float32 weights and optimizer state.
-        for p in named.values():
-            p.data = p.data.float()
-    optimizer = torch.optim.AdamW(named.values(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    warmup = max(tc.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
-    return named, optimizer, scheduler
+    model = D.parallelize(denoiser, ctx, tc.parallelism, compute)
+    params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}  # after sharding: FSDP swaps them
+    if not params:
+        raise ValueError("no trainable parameters: check train.finetune and train.lora.target_modules")
+    optimizer = make_optimizer(params, tc)
+    ema = EMA(params, tc.ema_decay) if tc.ema_decay else None
+    if mode == "adapters-off":
+        reference = AdaptersOffReference(spec, denoiser, precision)
+    elif mode == "copy":
+        reference = CopyReference(spec, ctx, tc.parallelism, compute, precision, offload=tc.reference_offload)
+    return Run(cfg, spec, ctx, model, denoiser, params, optimizer, ema, reference, precision, state)
 
 
-def train(cfg: Config, spec, urls: list[str], out_dir: Path) -> dict[str, Any]:
-    """Train for cfg.train.max_steps steps (resuming from out_dir/checkpoints if present)."""
-    _check_supported(spec)
-    tc = cfg.train
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
-    torch.manual_seed(tc.seed)
-    denoiser = spec.load_denoiser()
-    reference = make_reference(denoiser, tc.finetune)
-    named, optimizer, scheduler = _prepare(spec, denoiser, cfg)
-    generator = torch.Generator().manual_seed(tc.seed)
-    state = TrainState()
-    latest = latest_checkpoint(ckpt_root)
-    if latest is not None:
-        state = load_checkpoint(latest, named, optimizer, scheduler, generator)
-    metrics_path = out_dir / "metrics.jsonl"
-    _truncate_metrics(metrics_path, state.step)
-
-    stream = pair_stream(urls, batch_size=tc.batch_size, seed=tc.seed, skip_batches=state.step)
-    last: dict[str, float] = {}
-    with metrics_path.open("a") as log, tqdm(total=tc.max_steps, initial=state.step, desc="train", unit="step",
-                                             disable=not is_rank0()) as bar:
-        while state.step < tc.max_steps:
-            batch = next(stream)
-            last = train_step(spec, denoiser, reference, batch, cfg, optimizer, scheduler, list(named.values()),
-                              generator)
-            if is_rank0():
-                log.write(json.dumps({"step": state.step, **last}) + "\n")
-                log.flush()
-            state.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.4g}", s=f"{last['s']:.2e}", acc=f"{last['implicit_acc']:.2f}")
-            if is_rank0() and (state.step % tc.checkpoint_every == 0 or state.step == tc.max_steps):
-                save_checkpoint(ckpt_root, state, named, optimizer, scheduler, generator, tc.keep_checkpoints)
-    if is_rank0():
-        _save_final(spec, denoiser, cfg, out_dir / "final")
-    return {"steps": state.step, "final_loss": last.get("loss", math.nan), "resumed_from": latest.name if latest else None}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged steps >= `step` (written after the checkpoint we resume from)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def _save_final(spec, denoiser, cfg: Config, final_dir: Path) -> None:
-    final_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.train.finetune == "lora":
-        spec.save_lora(denoiser, final_dir)
+def forward_backward(run: Run, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One micro-batch: reference and policy errors of winners and losers (one forward of 2m,
+    winners first: same t, ε and conditioning), the loss, backward. Returns per-pair sums."""
+    tc = run.cfg.train
+    x = pair_inputs(run.spec, batch, tc, with_loser=tc.objective != "sft")
+    seed_dropout(tc.seed, x.step, int(x.index[0]))
+    if tc.objective == "sft":  # neither the reference nor the loser is run
+        with run.precision():
+            out = winner_loss(per_sample_error(run.spec.predict(run.model, x.noisy_w, x.t, x.cond), x.target_w))
     else:
-        denoiser.save_pretrained(final_dir / "transformer", safe_serialization=True)
+        ref_w, ref_l = run.reference.errors(x)
+        noisy, target, t, cond = x.both()
+        with run.precision():
+            err = per_sample_error(run.spec.predict(run.model, noisy, t, cond), target)
+        m = x.num_pairs
+        out = preference_loss(err[:m], err[m:], ref_w, ref_l, beta=tc.beta, objective=tc.objective,
+                              r_mode=tc.r_mode, r_scale=tc.r_scale, r_constant=tc.r_constant)
+    # The step's loss is the mean over all batch_size pairs. DDP and FSDP average gradients
+    # over processes, hence the factor world_size: the sum over every micro-batch of every
+    # process is then exactly the gradient of that mean.
+    (out.pair_loss.sum() * (run.ctx.world_size / tc.batch_size)).backward()
+    return {k: v.double().sum() for k, v in out.per_pair.items()}
+
+
+def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accumulate the micro-batches, reduce metrics over processes, clip, and step AdamW unless
+    the loss or the gradient norm is non-finite (then the step is skipped and counted)."""
+    tc, ctx, state = run.cfg.train, run.ctx, run.state
+    start = time.perf_counter()
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    run.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, torch.Tensor] = {}
+    bad: list[str] = []
+    for a, batch in enumerate(micro_batches):
+        bad += nonfinite_pairs(batch)
+        with D.gradient_sync(run.model, a == len(micro_batches) - 1):
+            for k, v in forward_backward(run, batch).items():
+                sums[k] = sums[k] + v if k in sums else v
+    names = [k for k in METRICS if k in sums]
+    totals = D.all_reduce_sum(torch.stack([sums[k] for k in names]))
+    metrics = {k: totals[i].item() / tc.batch_size for i, k in enumerate(names)}
+    grad_norm = float(D.full_value(torch.nn.utils.clip_grad_norm_(list(run.params.values()), tc.grad_clip)))
+    lr = lr_at(state.step - state.segment_start, tc)
+    set_lr(run.optimizer, lr)
+    finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+    if finite:
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update()
+        state.nonfinite_run = 0
+    else:  # no update: the weights, AdamW state and EMA stay as they were
+        run.optimizer.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+        state.nonfinite_run += 1
+    seconds = time.perf_counter() - start
+    peak = (torch.cuda.max_memory_allocated(ctx.device) if ctx.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    row = {"step": state.step, **metrics, "lr": lr, "grad_norm": grad_norm, "skipped": not finite,
+           "skipped_steps": state.skipped_steps, "step_time": seconds, "pairs_per_s": tc.batch_size / seconds,
+           "peak_mem_bytes": peak}
+    if not finite:
+        row["_bad_keys"] = [k for keys in D.gather_json(bad) for k in keys]
+    return row
+
+
+def _nonfinite_message(state: TrainState, row: dict[str, Any], bad_keys: list[str], tc) -> str:
+    n = state.nonfinite_run
+    where = f"steps {state.step - n}-{state.step - 1}" if n > 1 else f"step {state.step - 1}"
+    if bad_keys:
+        keys = sorted(set(bad_keys))
+        cause = (f"pair(s) {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} hold non-finite latents or "
+                 "conditioning in the shards: rerun encode for them (regdpo run CONFIG --stage encode --force)")
+    else:
+        cause = (f"the loss or the gradients overflowed: lower train.learning_rate (now {tc.learning_rate}) or "
+                 "train.grad_clip, or use model.dtype float32")
+    return (f"training stopped: {n} steps in a row ({where}) had a non-finite loss or gradient norm "
+            f"(last: loss {row.get('loss')}, grad_norm {row.get('grad_norm')}) and were skipped; likely cause: "
+            f"{cause}. train.max_nonfinite_steps ({tc.max_nonfinite_steps}) sets how many are tolerated.")
+
+
+def export_final(run: Run, final_dir: Path) -> None:
+    """final/: the trained weights (their EMA with train.ema_decay), gathered to rank 0.
+
+    LoRA: diffusers' pytorch_lora_weights.safetensors. Full fine-tuning: final/transformer, a
+    diffusers model folder in float32 (the masters: bf16 would round small updates away)."""
+    tc, ctx = run.cfg.train, run.ctx
+    source = run.ema.shadow if run.ema is not None else {n: p.detach() for n, p in run.params.items()}
+    full: dict[str, torch.Tensor] = {}
+    for name, t in source.items():  # one tensor at a time: gathering is collective under FSDP
+        value = D.full_value(t)
+        if ctx.is_rank0:
+            full[name] = value.detach().to("cpu", torch.float32)
+    if ctx.is_rank0:
+        final_dir.mkdir(parents=True, exist_ok=True)
+        if tc.finetune == "lora":
+            run.spec.save_lora(run.denoiser, final_dir, tensors={k.replace(f".{ADAPTER_NAME}", ""): v for k, v in full.items()})
+        else:
+            model = run.spec.load_denoiser(device="cpu", dtype=torch.float32)
+            missing = set(model.state_dict()) - set(full)
+            result = model.load_state_dict(full, strict=False)
+            if result.unexpected_keys or any(k in dict(model.named_parameters()) for k in missing):
+                raise AssertionError(f"final weights do not match the denoiser: {sorted(missing)[:3]}")
+            model.save_pretrained(final_dir / "transformer", safe_serialization=True)
+    D.barrier()
