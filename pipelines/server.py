@@ -127,7 +127,7 @@ def _start(name: str, args: list[str], env: dict[str, str]) -> Child:
     return Child(name, subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
 
 
-def serve(host: str, port: int, cpu_limit: int, gpu_limit: int | None, project: Path, echo: Echo) -> int:
+def serve(host: str, port: int, cpu_limit: int, gpu_limit: int | None, echo: Echo) -> int:
     """Run a server and a worker per pool until Ctrl-C or until one of them exits; returns an exit code."""
     if not is_loopback(host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         raise ValueError(f"--host {host} serves beyond this machine: set PREFECT_SERVER_API_AUTH_STRING=user:password "
@@ -136,7 +136,7 @@ def serve(host: str, port: int, cpu_limit: int, gpu_limit: int | None, project: 
     gpu_limit = gpu_limit if gpu_limit is not None else max(1, gpus)
     api = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
-           os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), "REGDPO_HOME": str(project)}
+           os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
     if os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
         env.setdefault("PREFECT_API_AUTH_STRING", os.environ["PREFECT_SERVER_API_AUTH_STRING"])
     children: list[Child] = []

@@ -197,11 +197,10 @@ def serve(
     Then, in another shell: export PREFECT_API_URL=http://127.0.0.1:4200/api; regdpo deploy.
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pipelines.deploy import project_root
     from pipelines.server import serve as serve_all
 
     try:
-        code = serve_all(host, port, cpu_limit, gpu_limit, project_root(), typer.echo)
+        code = serve_all(host, port, cpu_limit, gpu_limit, typer.echo)
     except (ValueError, RuntimeError) as err:
         _fail(f"error: {err}")
     raise typer.Exit(code=code)

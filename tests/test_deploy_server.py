@@ -1,0 +1,227 @@
+"""The README's deployment path on a plain checkout, against a REAL Prefect server.
+
+One module-scoped `regdpo serve` (a real `prefect server start` on loopback, a free port, a
+temporary PREFECT_HOME, analytics off, plus a process worker per pool), then `regdpo deploy`,
+then deployment runs picked up by those workers, as a person would do it. About three minutes:
+the tiny demo model, few steps, a few clips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REGDPO = Path(sys.executable).with_name("regdpo")
+SAMPLES = ROOT / "data" / "samples"
+CLIPS = ["cartoon_hills_pan.mp4", "snowy_traveler.mp4", "airplane_field.mp4", "chaplin_sidewalk.mp4"]
+
+pytestmark = pytest.mark.prefect
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`regdpo serve` on a free loopback port; yields (api url, env for commands, its log path)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "REGDPO_HOME")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               # real settings, shortened so the test waits seconds, not minutes
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_WORKER_QUERY_SECONDS="2",
+               PREFECT_WORKER_PREFETCH_SECONDS="5")
+    log = home / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(REGDPO), "serve", "--port", str(port), "--cpu-limit", "2", "--gpu-limit", "1"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    try:
+        deadline = time.monotonic() + 180
+        while "UI: " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield api, {**env, "PREFECT_API_URL": api}, log
+    finally:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does: serve stops its workers and the server
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "the server outlived regdpo serve"
+
+
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """The README's command: `regdpo deploy --nightly CONFIG` from the checkout."""
+    api, env, log = server
+    nightly = tmp_path_factory.mktemp("nightly") / "nightly.yaml"
+    shutil.copy(ROOT / "configs" / "demo.yaml", nightly)
+    nightly.write_text(nightly.read_text().replace("../runs/demo", str(nightly.parent / "run"))
+                       .replace("../data/samples", str(SAMPLES)))
+    out = subprocess.run([str(REGDPO), "deploy", "--nightly", str(nightly)], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path_factory.getbasetemp())
+    assert out.returncode == 0, out.stdout + out.stderr + log.read_text()[-3000:]
+    return nightly, out.stdout
+
+
+@pytest.fixture
+def inputs(tmp_path) -> dict:
+    """Parameters for the demo config on four sample clips and one missing file (a reject)."""
+    data = tmp_path / "videos"
+    data.mkdir()
+    for name in CLIPS:
+        shutil.copy(SAMPLES / name, data / name)
+    rows = [f"{name},a caption for {name}" for name in CLIPS] + ["missing.mp4,a file that is not there"]
+    (data / "manifest.csv").write_text("path,caption\n" + "\n".join(rows) + "\n")
+    return {"config_path": "configs/demo.yaml", "workdir": str(tmp_path / "run"),
+            "overrides": {"ingest.manifest": str(data / "manifest.csv"), "generate.num_inference_steps": 2,
+                          "evaluate.samples.num_inference_steps": 2, "evaluate.samples.num_samples": 1}}
+
+
+def _run(name: str, parameters: dict, timeout_s: float = 600):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(name, parameters=parameters, timeout=timeout_s)
+
+
+def _logs(flow_run_id) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[flow_run_id])), limit=200)]
+
+
+def test_deploy_registers_everything_and_the_scheduler_creates_the_nightly_runs(deployed):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    nightly, said = deployed
+    assert "nightly-pairs" in said and "regdpo-pipeline/pipeline" in said
+    with get_client(sync_client=True) as client:
+        names = {f"{client.read_flow(d.flow_id).name}/{d.name}" for d in client.read_deployments()}
+        assert {"regdpo-pipeline/pipeline", "regdpo-ingest/ingest", "regdpo-train/train", "regdpo-work-item/work-item",
+                "regdpo-pipeline/nightly-pairs", "regdpo-pipeline/nightly-train"} <= names
+        pipe = client.read_deployment_by_name("regdpo-pipeline/pipeline")
+        stages = pipe.parameter_openapi_schema["properties"]["stages"]
+        assert stages["anyOf"][0]["items"]["enum"] == ["ingest", "generate", "encode", "train", "evaluate"]
+        pairs = client.read_deployment_by_name("regdpo-pipeline/nightly-pairs")
+        assert pairs.parameters["config_path"] == str(nightly)
+        assert pairs.schedules and all(s.active for s in pairs.schedules)
+        assert pairs.global_concurrency_limit.limit == 1
+        assert pairs.concurrency_options.collision_strategy == "CANCEL_NEW"
+        assert client.read_deployment_by_name("regdpo-pipeline/nightly-train").parameters["config_path"] == str(nightly)
+
+        deadline = time.monotonic() + 120
+        runs = []
+        while not runs and time.monotonic() < deadline:
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly-pairs"])))
+            time.sleep(2)
+    assert runs, "the scheduler created no nightly run within two minutes"
+    assert all(r.state.is_scheduled() and "auto-scheduled" in r.tags for r in runs)
+
+
+def test_a_stage_deployment_run_redoes_its_stage(deployed, inputs):
+    stage_json = Path(inputs["workdir"]) / "ingest" / "stage.json"
+    first = _run("regdpo-ingest/ingest", inputs)
+    assert first.state.is_completed(), first.state
+    rec1 = json.loads(stage_json.read_text())
+    second = _run("regdpo-ingest/ingest", inputs)
+    assert second.state.is_completed(), second.state
+    rec2 = json.loads(stage_json.read_text())
+    assert rec1["summary"]["units_done"] == rec2["summary"]["units_done"] == len(CLIPS)  # every unit again
+    assert rec2["finished_at"] >= rec1["finished_at"] and rec2 != rec1
+    assert second.name.startswith("ingest ") and second.name.endswith("/run (redo)")  # the workdir in the name
+
+
+def test_the_pipeline_deployment_completes_and_leaves_artifacts(deployed, inputs):
+    from prefect import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterParentFlowRunId)
+
+    run = _run("regdpo-pipeline/pipeline", {**inputs, "max_steps": 2})
+    assert run.state.is_completed(), (run.state, _logs(run.id)[-20:])
+    report = Path(inputs["workdir"]) / "eval" / "report.md"
+    assert report.is_file()
+    with get_client(sync_client=True) as client:
+        children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        assert sorted(r.name.split()[0] for r in children) == sorted(["ingest", "generate", "encode", "train",
+                                                                       "evaluate"])
+        ids = [r.id for r in children]
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=ids)))}
+    rejects = json.loads(found["regdpo-ingest-rejects"].data)
+    assert [r["path"] for r in rejects] == ["missing.mp4"]
+    assert found["regdpo-evaluate-report"].data.startswith(report.read_text().splitlines()[0])
+    assert "regdpo-train-curves" in found and "regdpo-generate-summary" in found
+
+
+def test_a_wrong_model_path_fails_before_ingest_without_retry_and_one_traceback_at_most(deployed, inputs):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    params = {**inputs, "overrides": {**inputs["overrides"], "model.preset": None, "model.path": "/no/such/model"}}
+    run = _run("regdpo-pipeline/pipeline", params)
+    assert run.state.is_failed()
+    assert "model.path /no/such/model" in run.state.message
+    assert not (Path(inputs["workdir"]) / "ingest").exists()
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))) == []  # no stage started
+        states = client.read_flow_run_states(run.id)
+    assert not [s for s in states if s.name in ("AwaitingRetry", "Retrying")]
+    logs = _logs(run.id)
+    assert sum("Traceback" in m for m in logs) <= 1
+    assert any(m.startswith("pipeline failed: model.path /no/such/model") for m in logs)
+
+
+def test_new_pairs_from_nightly_pairs_trigger_nightly_train(deployed, tmp_path):
+    """The event a nightly-pairs run emits when encode published pairs starts nightly-train with its config
+    and workdir (here for an empty workdir, so the triggered run fails fast: 'run encode first')."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.events import emit_event
+
+    from pipelines.flows import PAIRS_EVENT
+
+    nightly, _ = deployed
+    workdir = str(tmp_path / "empty")
+    with get_client(sync_client=True) as client:
+        pairs = client.read_deployment_by_name("regdpo-pipeline/nightly-pairs")
+    emit_event(event=PAIRS_EVENT, resource={"prefect.resource.id": f"regdpo.workdir.{workdir}"},
+               related=[{"prefect.resource.id": f"prefect.deployment.{pairs.id}", "prefect.resource.role": "deployment",
+                         "prefect.resource.name": "nightly-pairs"}],
+               payload={"config_path": str(nightly), "workdir": workdir})
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 90
+    runs = []
+    while not runs and time.monotonic() < deadline:
+        time.sleep(2)
+        with get_client(sync_client=True) as client:
+            runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=["nightly-train"]))) if r.parameters.get("workdir") == workdir]
+    assert runs, "nightly-train was not triggered by the pairs event"
+    assert runs[0].parameters["config_path"] == str(nightly)
