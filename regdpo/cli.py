@@ -4,9 +4,11 @@
     regdpo run configs/demo.yaml --stage train --set train.max_steps=5
     regdpo status configs/demo.yaml                      # which stages are current, stale, missing
     regdpo stages                                        # stage names and what each reads
+    regdpo serve                                         # one machine: Prefect server, UI, pools, workers
+    regdpo deploy [--nightly CONFIG]                     # prefect.yaml's deployments on PREFECT_API_URL
 
-`run` goes through Prefect: its temporary local server by default, or the server at
-PREFECT_API_URL when that is set. `status` and `stages` only read files (no Prefect import).
+`run` goes through Prefect: its temporary local server by default (stopped with the run, kill -9
+included), or the server at PREFECT_API_URL when that is set. `status` and `stages` only read files (no Prefect import).
 """
 
 from __future__ import annotations
