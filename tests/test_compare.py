@@ -31,3 +31,36 @@ def test_compare_command(tmp_path):
     assert "a/run" in (tmp_path / "out" / "compare.md").read_text()  # same folder names: parents added
     missing = CliRunner().invoke(app, ["compare", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a trained regdpo workdir" in missing.output
+
+
+def test_compare_two_real_workdirs_dpo_and_reg_dpo(tmp_path):
+    """Two workdirs the pipeline made (same data, dpo and reg-dpo): the command writes its
+    table and figure, and the table carries each run's held-out verdicts."""
+    import shutil
+
+    from regdpo.config import load_config
+    from regdpo.stages import run
+    from tests.pipeline_helpers import small_config
+
+    fast = {"samples": {"num_inference_steps": 2, "guidance_scale": 1.0}}
+    shared = load_config(small_config(tmp_path / "shared", evaluate=fast))
+    for stage in ("ingest", "generate", "encode"):
+        run(shared, stage)
+    workdirs = []
+    for objective in ("dpo", "reg-dpo"):
+        wd = tmp_path / objective
+        shutil.copytree(shared.workdir_path, wd)
+        cfg = load_config(small_config(tmp_path / "shared", evaluate=fast, train={"objective": objective}),
+                          {"workdir": str(wd)})
+        run(cfg, "train")
+        run(cfg, "evaluate")
+        workdirs.append(wd)
+    result = CliRunner().invoke(app, ["compare", *map(str, workdirs), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    md = (tmp_path / "out" / "compare.md").read_text()
+    assert "| dpo | dpo | 3 |" in md and "| reg-dpo | reg-dpo, r = DGR | 3 |" in md
+    assert md.count("no measurable change") >= 2  # one held-out pair: nothing can be decided
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 20_000
+    with (tmp_path / "out" / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[0]["train_r_end"]) == 0.0 and float(rows[1]["train_r_end"]) > 0.0

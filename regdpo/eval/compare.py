@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from regdpo.eval.plots import ema, equal_series, load_metrics, series  # noqa: E402
+from regdpo.eval.plots import ema, equal_series, load_metrics, series, smooth  # noqa: E402
 from regdpo.eval.report import fmt, fmt_signed  # noqa: E402
 from regdpo.eval.stats import Interval, format_interval  # noqa: E402
 
@@ -114,19 +114,24 @@ def plot_runs(runs: list[Run], out: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     for ax, (title, key) in zip(axes.flat, CURVES):
         drawn: list[tuple[str, np.ndarray]] = []
+        missing = []
+        log = key == "dgr" and any(len(series(r.rows, key)[1]) and np.all(series(r.rows, key)[1] > 0) for r in runs)
         for i, run in enumerate(runs):
             x, y = series(run.rows, key)
             if not len(y):
+                missing.append(run.name)
                 continue
             same = next((n for n, prev in drawn if equal_series(prev, y)), None)
             ls, marker = STYLES[i % len(STYLES)]
             label = f"{run.name}" + (f" (= {same})" if same else "")
-            ax.plot(x, ema(y), ls=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4, lw=1.5, label=label)
+            ax.plot(x, smooth(y, log), ls=ls, marker=marker, markevery=max(1, len(x) // 8), ms=4, lw=1.5,
+                    label=label, color=f"C{i % 10}")
             drawn.append((run.name, y))
-        if key == "dgr" and any(np.all(series(r.rows, key)[1] > 0) for r in runs):
+        if log:
             ax.set_yscale("log")
         ax.axhline(0.5 if key == "implicit_acc" else 0.0, color="grey", lw=0.8, ls=":")
-        ax.set_title(title + (" (log scale)" if ax.get_yscale() == "log" else ""), fontsize=10)
+        notes = (["log scale, moving average of log"] if log else []) + ([f"not logged by {', '.join(missing)}"] if missing else [])
+        ax.set_title(title + (f" ({'; '.join(notes)})" if notes else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -140,13 +145,14 @@ def plot_runs(runs: list[Run], out: Path) -> Path:
 
 
 def _bar_real_error(ax, runs: list[Run]) -> None:
-    names, est, lo, hi = [], [], [], []
-    for run in runs:
+    names, est, lo, hi, colors = [], [], [], [], []
+    for i, run in enumerate(runs):
         v = _verdicts(run).get("denoise_error_real")
         if v is None:
             continue
         iv = v["interval"]
         names.append(run.name)
+        colors.append(f"C{i % 10}")  # the run's colour in the curve panels
         est.append(v["change"])
         ok = math.isfinite(iv["low"]) and math.isfinite(iv["high"])
         lo.append(v["change"] - iv["low"] if ok else 0.0)
@@ -156,19 +162,22 @@ def _bar_real_error(ax, runs: list[Run]) -> None:
         ax.text(0.5, 0.5, "no evaluated runs", ha="center", va="center", transform=ax.transAxes, color="grey")
         return
     ypos = np.arange(len(names))
-    ax.barh(ypos, est, xerr=[lo, hi], color=[f"C{i % 10}" for i in range(len(names))], capsize=4, alpha=0.8)
+    ax.barh(ypos, est, xerr=[lo, hi], color=colors, capsize=4, alpha=0.8)
     ax.set_yticks(ypos, names, fontsize=8)
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
 
 
-def compare_runs(workdirs: list[str | Path], out: str | Path = ".") -> dict[str, Path]:
-    """Write compare.md, compare.csv and compare.png for the runs in `workdirs` into `out`."""
+def compare_runs(workdirs: list[str | Path], out: str | Path = ".", names: list[str] | None = None) -> dict[str, Path]:
+    """Write compare.md, compare.csv and compare.png for the runs in `workdirs` into `out`
+    (runs are named after their folders unless `names` are given)."""
     if not workdirs:
         raise ValueError("compare needs at least one workdir")
     paths = [Path(w) for w in workdirs]
-    runs = [load_run(w, n) for w, n in zip(paths, _names(paths))]
+    if names is not None and len(names) != len(paths):
+        raise ValueError(f"compare: {len(paths)} workdirs but {len(names)} names")
+    runs = [load_run(w, n) for w, n in zip(paths, names or _names(paths))]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     header, md_rows, records = table_rows(runs)

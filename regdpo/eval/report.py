@@ -37,7 +37,8 @@ def toy_warning(preset: str | None, num_parameters: int) -> str | None:
 
 
 def fmt(x: float | None) -> str:
-    if x is None:
+    """4 significant digits; "—" for a missing value (None or NaN), "inf" for an unbounded one."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
