@@ -94,6 +94,7 @@ def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str
     rank 0's summary or raises with the end of their output."""
     out = Path(plan["out"])
     plan_path, summary_path, metrics = out / PLAN_NAME, out / SUMMARY_NAME, out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
     plan_path.write_text(json.dumps({**plan, "summary_file": True}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(num_processes),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import re
 import tarfile
 from collections import OrderedDict
@@ -44,6 +45,7 @@ from regdpo.train.rng import derive_seed
 # WebDataset's split of a member name into sample key and extension (first dot of the basename).
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 _MEMBERS = ("pair.safetensors", "meta.json")
+LOCK_NAME = ".regdpo.lock"  # regdpo/stages/lock.py's workdir lock (not imported: stages sit above train)
 
 
 @dataclass(frozen=True)
@@ -278,10 +280,28 @@ class MicroBatches(IterableDataset):
             reader.close()
 
 
+def _close_inherited_locks(worker_id: int) -> None:
+    """DataLoader workers are forked and so share the parent's open files, including the
+    workdir lock (a flock, regdpo/stages/lock.py). After a kill -9 of the trainer, orphaned
+    workers would hold that lock until they notice (seconds) and a rerun would be refused.
+    Closing the worker's copies leaves the parent's lock held (the lock belongs to the open
+    file, which the parent still has open)."""
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        return
+    for entry in list(fd_dir.iterdir()):
+        try:
+            if os.readlink(entry).endswith("/" + LOCK_NAME):
+                os.close(int(entry.name))
+        except OSError:
+            continue
+
+
 def make_loader(source: PairSource, split: Split, *, seed: int, segment: int, segment_start: int, start_step: int,
                 end_step: int | None, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over `MicroBatches` (batching is done by the dataset: batch_size=None)."""
     dataset = MicroBatches(source, split, seed=seed, segment=segment, segment_start=segment_start,
                            start_step=start_step, end_step=end_step)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if num_workers > 0 else None)
+                      prefetch_factor=2 if num_workers > 0 else None,
+                      worker_init_fn=_close_inherited_locks if num_workers > 0 else None)
