@@ -26,14 +26,30 @@ def quiet_progress_bars() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
+class _InRunsOnly(logging.Handler):
+    """Passes records to `inner` only inside a flow or task run: outside one (a notebook, a
+    test, a thread without the run's context) Prefect's API handler would warn on every line."""
+
+    def __init__(self, inner: logging.Handler):
+        super().__init__()
+        self.inner = inner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+            self.inner.handle(record)
+
+
 def route_library_logs(level: int = logging.INFO) -> None:
-    """Attach Prefect's run-log handlers to the `regdpo` logger (idempotent)."""
+    """Attach Prefect's run-log handlers to the `regdpo` logger, for records made inside runs (idempotent)."""
     library = logging.getLogger(LIBRARY_LOGGER)
     if library.level == logging.NOTSET or library.level > level:
         library.setLevel(level)
+    routed = {h.inner for h in library.handlers if isinstance(h, _InRunsOnly)}
     for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in library.handlers:
-            library.addHandler(handler)
+        if handler not in routed:
+            library.addHandler(_InRunsOnly(handler))
 
 
 class _WithoutTraceback(logging.Formatter):

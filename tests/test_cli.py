@@ -121,3 +121,21 @@ def test_stage_input_problem_is_a_message_not_a_traceback(config_path, monkeypat
     # the command ends on one line naming the stage and the reason; no traceback anywhere
     assert result.stderr.rstrip().endswith("error: ingest failed: manifest.csv: no clip was accepted; fix or replace these inputs")
     assert isinstance(result.exception, SystemExit)
+
+
+def test_deploy_without_a_server_says_how_to_get_one(monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # even inside the session's test harness
+        result = runner.invoke(app, ["deploy"])
+    assert result.exit_code == 2
+    assert "set PREFECT_API_URL" in result.stderr and "regdpo serve" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_serve_beyond_loopback_needs_auth(monkeypatch):
+    monkeypatch.delenv("PREFECT_SERVER_API_AUTH_STRING", raising=False)
+    result = runner.invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "PREFECT_SERVER_API_AUTH_STRING" in result.stderr

@@ -8,6 +8,7 @@ the tiny demo model, few steps, a few clips.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -171,6 +172,11 @@ def test_the_pipeline_deployment_completes_and_leaves_artifacts(deployed, inputs
         ids = [r.id for r in children]
         found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=ids)))}
+    generate = next(r for r in children if r.name.startswith("generate "))
+    lines = _logs(generate.id)
+    assert any(m.startswith("generate: work item 0 done") for m in lines), lines  # the library's own line
+    assert any(m.startswith("generate: 1/1 work items") for m in lines)  # the flow's progress line
+    assert max(map(len, lines)) < 2000  # no progress-bar redraws glued into one line
     rejects = json.loads(found["regdpo-ingest-rejects"].data)
     assert [r["path"] for r in rejects] == ["missing.mp4"]
     assert found["regdpo-evaluate-report"].data.startswith(report.read_text().splitlines()[0])
@@ -191,9 +197,13 @@ def test_a_wrong_model_path_fails_before_ingest_without_retry_and_one_traceback_
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))) == []  # no stage started
         states = client.read_flow_run_states(run.id)
     assert not [s for s in states if s.name in ("AwaitingRetry", "Retrying")]
+    deadline = time.monotonic() + 30  # a run's last log lines may reach the server after its final state
     logs = _logs(run.id)
+    while not any(m.startswith("pipeline failed: ") for m in logs) and time.monotonic() < deadline:
+        time.sleep(1)
+        logs = _logs(run.id)
     assert sum("Traceback" in m for m in logs) <= 1
-    assert any(m.startswith("pipeline failed: model.path /no/such/model") for m in logs)
+    assert any(m.startswith("pipeline failed: model.path /no/such/model") for m in logs), logs
 
 
 def test_new_pairs_from_nightly_pairs_trigger_nightly_train(deployed, tmp_path):
@@ -201,21 +211,27 @@ def test_new_pairs_from_nightly_pairs_trigger_nightly_train(deployed, tmp_path):
     and workdir (here for an empty workdir, so the triggered run fails fast: 'run encode first')."""
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
-    from prefect.events import emit_event
+    from prefect.events import Event
+    from prefect.events.clients import PrefectEventsClient
+    from prefect.settings import PREFECT_API_URL
 
     from pipelines.flows import PAIRS_EVENT
 
     nightly, _ = deployed
+    api = PREFECT_API_URL.value()  # this module's server
     workdir = str(tmp_path / "empty")
     with get_client(sync_client=True) as client:
         pairs = client.read_deployment_by_name("regdpo-pipeline/nightly-pairs")
-    emit_event(event=PAIRS_EVENT, resource={"prefect.resource.id": f"regdpo.workdir.{workdir}"},
-               related=[{"prefect.resource.id": f"prefect.deployment.{pairs.id}", "prefect.resource.role": "deployment",
-                         "prefect.resource.name": "nightly-pairs"}],
-               payload={"config_path": str(nightly), "workdir": workdir})
-    from prefect.events.worker import EventsWorker
+    event = Event(event=PAIRS_EVENT, resource={"prefect.resource.id": f"regdpo.workdir.{workdir}"},
+                  related=[{"prefect.resource.id": f"prefect.deployment.{pairs.id}",
+                            "prefect.resource.role": "deployment", "prefect.resource.name": "nightly-pairs"}],
+                  payload={"config_path": str(nightly), "workdir": workdir})
 
-    EventsWorker.drain_all()
+    async def send():  # straight to this module's server (emit_event's worker may be bound to another)
+        async with PrefectEventsClient(api_url=api) as events:
+            await events.emit(event)
+
+    asyncio.run(send())
     deadline = time.monotonic() + 90
     runs = []
     while not runs and time.monotonic() < deadline:
