@@ -210,27 +210,26 @@ def test_pipeline_leaves_artifacts(cfg_path, fake_builders):
     assert run.state.is_completed()
 
 
-def test_fork_in_a_flow_run_exits_cleanly():
-    """Without pipelines/forksafe.py, a forked child (torch DataLoader workers) exits with code 1."""
-    import subprocess
-    import sys
+def _fork_exitcode() -> int:
+    import multiprocessing as mp
 
-    code = (
-        "import multiprocessing as mp\n"
-        "from prefect import flow, task\n"
-        "import pipelines.flows\n"  # installs the fork cleanup, as every flow-run process does
-        "@task\n"
-        "def t():\n"
-        "    p = mp.get_context('fork').Process(target=print, args=('child',)); p.start(); p.join()\n"
-        "    return p.exitcode\n"
-        "@flow\n"
-        "def f():\n"
-        "    return t()\n"
-        "print('exitcode', f())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert "exitcode 0" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    child = mp.get_context("fork").Process(target=print, args=("child",))
+    child.start()
+    child.join()
+    return child.exitcode
+
+
+@pytest.mark.prefect
+@pytest.mark.usefixtures("prefect_harness")
+def test_fork_in_a_flow_run_exits_cleanly():
+    """Without pipelines/forksafe.py, a forked child (a torch DataLoader worker) exits with code 1."""
+    from prefect import flow, task
+
+    @flow
+    def forks() -> int:
+        return task(_fork_exitcode)()
+
+    assert forks() == 0
 
 
 # --- plain logic: no server ---------------------------------------------------------------
