@@ -188,3 +188,27 @@ def test_gradient_checkpointing_gives_the_same_steps(shards, tmp_path):
     for ra, rb in zip(read_rows(tmp_path / "a" / "metrics.jsonl"), read_rows(tmp_path / "b" / "metrics.jsonl")):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+
+
+def test_progress_log_lines_every_n_steps(shards, tmp_path, caplog):
+    import logging
+
+    cfg = train_config(tmp_path, max_steps=4, log_every=2)
+    with caplog.at_level(logging.INFO, logger="regdpo.train"):
+        train(cfg, load_model(cfg.model), str_urls(shards), tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if r.name == "regdpo.train" and r.getMessage().startswith("step")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert all(all(f" {k} " in line for k in ("loss", "dgr", "win_gap", "lose_gap")) for line in lines)
+
+
+def test_tensorboard_event_files_beside_metrics(shards, tmp_path):
+    pytest.importorskip("tensorboard")  # the optional extra: pip install -e ".[tensorboard]"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = train_config(tmp_path, max_steps=3)
+    train(cfg, load_model(cfg.model), str_urls(shards), tmp_path / "out")
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/dgr", "train/win_gap", "train/pairs_per_s"} <= set(events.Tags()["scalars"])
+    rows = read_rows(tmp_path / "out" / "metrics.jsonl")
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows])

@@ -8,9 +8,9 @@ positions [s·B, (s+1)·B) for the global batch size B; position s·B + i is the
 its *global index*, from which its noise and timestep are drawn (rng.py).
 
 Split. Pair i of a step goes to process i // (B/W) and, inside it, to micro-batch
-(i mod B/W) // m (W processes, B/W pairs each, m per micro-batch). DataLoader worker k of a
-process builds its micro-batches j ≡ k (mod num_workers), which DataLoader hands back in order
-of j. Every process gets exactly B/W pairs every step, so none runs out before another; and
+(i mod B/W) // m (W processes, B/W pairs each, m per micro-batch). A process's DataLoader
+workers take turns at chunks of consecutive micro-batches, which DataLoader hands back in order
+(see `MicroBatches`). Every process gets exactly B/W pairs every step, so none runs out before another; and
 the pairs of a step, their indices and therefore the whole trajectory do not depend on W, on
 the accumulation split or on the number of workers.
 
@@ -246,16 +246,27 @@ def collate_pairs(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class MicroBatches(IterableDataset):
-    """This process's micro-batches for global steps [start_step, end_step) (end None: endless).
+    """This process's micro-batches for global steps [start_step, end_step) (end None: endless),
+    in chunks of `chunk` consecutive micro-batches stacked field by field.
 
-    Each item: the collated pairs plus "step" (global) and "index" (their global indices).
+    Micro-batch j (counted from start_step) belongs to chunk j // chunk, which DataLoader worker
+    (j // chunk) mod num_workers builds. A chunk crosses from a worker in one piece: one shared
+    memory transfer per field instead of one per micro-batch, which for small pairs costs more
+    than reading them. `Loader` unstacks the chunks, in order.
     """
 
     def __init__(self, source: PairSource, split: Split, *, seed: int, segment: int, segment_start: int,
-                 start_step: int, end_step: int | None):
+                 start_step: int, end_step: int | None, chunk: int = 1):
         self.source, self.split, self.seed = source, split, seed
         self.segment, self.segment_start = segment, segment_start
-        self.start_step, self.end_step = start_step, end_step
+        self.start_step, self.end_step, self.chunk = start_step, end_step, chunk
+
+    def _micro_batches(self) -> Iterator[tuple[int, int]]:
+        step = self.start_step
+        while self.end_step is None or step < self.end_step:
+            for micro in range(self.split.accumulation):
+                yield step, micro
+            step += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -263,21 +274,47 @@ class MicroBatches(IterableDataset):
         reader = ShardReader(self.source)
         order = PairOrder(self.source.num_pairs, self.seed, self.segment)
         B = self.split.batch_size
+        pending: list[dict[str, Any]] = []
         try:
-            j, step = 0, self.start_step
-            while self.end_step is None or step < self.end_step:
-                for micro in range(self.split.accumulation):
-                    if j % num_workers == worker:
-                        indices = self.split.indices(micro)
-                        base = (step - self.segment_start) * B
-                        batch = collate_pairs([reader.read(order(base + i)) for i in indices])
-                        batch["step"] = step
-                        batch["index"] = torch.tensor(indices, dtype=torch.long)
-                        yield batch
-                    j += 1
-                step += 1
+            for j, (step, micro) in enumerate(self._micro_batches()):
+                if (j // self.chunk) % num_workers != worker:
+                    continue
+                indices = self.split.indices(micro)
+                base = (step - self.segment_start) * B
+                batch = collate_pairs([reader.read(order(base + i)) for i in indices])
+                batch["step"] = step
+                batch["index"] = torch.tensor(indices, dtype=torch.long)
+                pending.append(batch)
+                if len(pending) == self.chunk:
+                    yield _stack(pending)
+                    pending = []
+            if pending:
+                yield _stack(pending)
         finally:
             reader.close()
+
+
+def _stack(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in batches[0].items():
+        out[name] = torch.stack([b[name] for b in batches]) if torch.is_tensor(value) else [b[name] for b in batches]
+    return out
+
+
+def _unstack(chunk: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for k in range(len(chunk["step"])):
+        yield {name: value[k] for name, value in chunk.items()}
+
+
+class Loader:
+    """Iterable of micro-batches (see `MicroBatches`), from a DataLoader over chunks."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for chunk in self.loader:
+            yield from _unstack(chunk)
 
 
 def _close_inherited_locks(worker_id: int) -> None:
@@ -297,11 +334,22 @@ def _close_inherited_locks(worker_id: int) -> None:
             continue
 
 
+CHUNK_BYTES = 64 * 2**20  # per chunk of micro-batches a worker hands over; at most MAX_CHUNK of them
+MAX_CHUNK = 16
+
+
 def make_loader(source: PairSource, split: Split, *, seed: int, segment: int, segment_start: int, start_step: int,
-                end_step: int | None, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over `MicroBatches` (batching is done by the dataset: batch_size=None)."""
+                end_step: int | None, num_workers: int = 0, pin_memory: bool = False) -> Loader:
+    """This process's micro-batches, read by `num_workers` DataLoader workers (0: in this process)."""
+    chunk = 1
+    if num_workers > 0:  # size chunks by one micro-batch's bytes (every pair has the same shapes)
+        reader = ShardReader(source)
+        pair = reader.read(0)
+        reader.close()
+        pair_bytes = sum(v.numel() * v.element_size() for v in pair.values() if torch.is_tensor(v))
+        chunk = max(1, min(MAX_CHUNK, CHUNK_BYTES // max(1, pair_bytes * split.micro_batch)))
     dataset = MicroBatches(source, split, seed=seed, segment=segment, segment_start=segment_start,
-                           start_step=start_step, end_step=end_step)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=2 if num_workers > 0 else None,
-                      worker_init_fn=_close_inherited_locks if num_workers > 0 else None)
+                           start_step=start_step, end_step=end_step, chunk=chunk)
+    return Loader(DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                             prefetch_factor=2 if num_workers > 0 else None,
+                             worker_init_fn=_close_inherited_locks if num_workers > 0 else None))
