@@ -68,7 +68,10 @@ _POOLS: dict[str, Any] = {}  # DevicePools of running stage flows, by key (tasks
 
 def one_line(err: BaseException) -> str:
     """An error message on one line (config errors list one field per line)."""
-    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    # "...these inputs:" followed by one line per item reads as "...these inputs: a; b"
+    text = "".join(line + (" " if line.endswith(":") else "; ") for line in lines).rstrip("; ")
+    return text or type(err).__name__
 
 
 def _failed(logger, what: str, err: BaseException) -> State:

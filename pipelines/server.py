@@ -151,14 +151,17 @@ def serve(host: str, port: int, cpu_limit: int, gpu_limit: int | None, echo: Ech
         if "PREFECT_API_AUTH_STRING" in env:
             os.environ["PREFECT_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
         ensure_pools(gpu_limit, echo)
-        for pool, limit in ((CPU_POOL, cpu_limit), (GPU_POOL, gpu_limit)):
+        # The GPU worker takes one run more than there are GPU slots: GPU work holds a slot of
+        # the regdpo-gpu limit, and a stage run that fans its work items out (fan_out:
+        # deployments) waits for them without one, so it must not take the last run slot.
+        for pool, limit in ((CPU_POOL, cpu_limit), (GPU_POOL, gpu_limit + 1)):
             child = _start(f"{pool} worker", prefect_command() + ["worker", "start", "--pool", pool, "--type", "process",
                                                                    "--limit", str(limit)], env)
             children.append(child)
         guard.kill()  # replace the watchdog with one that guards every child
         guard = die_with_me(groups=[c.process.pid for c in children])
-        echo(f"UI: {api.removesuffix('/api')}   workers: {CPU_POOL} (limit {cpu_limit}), {GPU_POOL} (limit {gpu_limit}"
-             f"{', no GPU found' if not gpus else ''})")
+        echo(f"UI: {api.removesuffix('/api')}   workers: {CPU_POOL} (limit {cpu_limit}), {GPU_POOL} (limit "
+             f"{gpu_limit + 1}, {gpu_limit} GPU slot(s){', no GPU found' if not gpus else ''})")
         echo(f"in another shell:  export PREFECT_API_URL={api}  &&  regdpo deploy   (Ctrl-C here stops everything)")
         while True:
             for child in children:

@@ -190,9 +190,9 @@ def serve(
     host: Annotated[str, typer.Option(help="address to listen on; beyond loopback needs PREFECT_SERVER_API_AUTH_STRING")
                     ] = "127.0.0.1",
     cpu_limit: Annotated[int, typer.Option(min=1, help="flow runs the cpu-pool worker runs at once")] = 2,
-    gpu_limit: Annotated[Optional[int], typer.Option(min=1, help="flow runs the gpu-pool worker runs at once and "
-                                                     "slots of the regdpo-gpu limit (default: the GPUs found, or 1)")
-                         ] = None,
+    gpu_limit: Annotated[Optional[int], typer.Option(min=1, help="GPU work at once: slots of the regdpo-gpu limit "
+                                                     "(default: the GPUs found, or 1); the gpu-pool worker takes one "
+                                                     "flow run more, for a run that fans work items out")] = None,
 ) -> None:
     """One machine: a Prefect server with its UI, the work pools and a worker per pool, until Ctrl-C.
 

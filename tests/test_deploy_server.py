@@ -241,3 +241,21 @@ def test_new_pairs_from_nightly_pairs_trigger_nightly_train(deployed, tmp_path):
                 name=DeploymentFilterName(any_=["nightly-train"]))) if r.parameters.get("workdir") == workdir]
     assert runs, "nightly-train was not triggered by the pairs event"
     assert runs[0].parameters["config_path"] == str(nightly)
+
+
+def test_work_items_fan_out_to_the_gpu_pool_and_the_stage_publishes_once(deployed, inputs):
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    assert _run("regdpo-ingest/ingest", inputs).state.is_completed()
+    params = {**inputs, "fan_out": "deployments",
+              "overrides": {**inputs["overrides"], "generate.work_item_size": 2}}
+    run = _run("regdpo-generate/generate", params)
+    assert run.state.is_completed(), (run.state, _logs(run.id)[-20:])
+    record = json.loads((Path(inputs["workdir"]) / "negatives" / "stage.json").read_text())
+    assert record["summary"]["units_done"] == len(CLIPS)
+    with get_client(sync_client=True) as client:
+        items = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+            name=DeploymentFilterName(any_=["work-item"]))) if r.parameters["overrides"]["workdir"] == inputs["workdir"]]
+    assert sorted(r.name for r in items) == ["generate-0", "generate-1"]  # 3 clips, 2 per item
+    assert all(r.state.is_completed() for r in items)
