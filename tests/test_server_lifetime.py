@@ -106,3 +106,33 @@ def test_a_failing_run_prints_one_line_and_no_traceback(tmp_path):
     debug = subprocess.run([str(REGDPO), "run", str(cfg), "--stage", "ingest", "--debug"], cwd=tmp_path,
                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug shows it
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_kill_9_of_regdpo_serve_stops_its_server_and_workers(tmp_path):
+    import psutil
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(REGDPO), "serve", "--port", str(port)], env=_env(tmp_path), cwd=tmp_path,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "UI: " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        children = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(children) >= 4  # server, two workers, the watchdog (and their own children)
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and (_port_open(port) or any(map(_alive, children))):
+            time.sleep(0.2)
+        assert not _port_open(port), "the server still listens after kill -9 of regdpo serve"
+        assert not [pid for pid in children if _alive(pid)], "workers or the server outlived regdpo serve"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
