@@ -82,8 +82,12 @@ def test_generate_depends_only_on_seed(spec, denoiser):
     assert a.shape == (2, NUM_FRAMES, HEIGHT, WIDTH, 3) and a.dtype == np.uint8
     b = sample(spec, denoiser, ["a dog"], [2], video)
     c = sample(spec, denoiser, ["a dog"], [3], video)
-    assert np.array_equal(a[1], b[0])  # same seed, alone or in a batch: identical
-    assert not np.array_equal(b, c)
+    assert np.array_equal(b, sample(spec, denoiser, ["a dog"], [2], video))  # same call: same bytes
+    # Same seed alone or in a batch: equal up to the float rounding of batched kernels, which
+    # may move a pixel by one uint8 level; another seed moves it far more.
+    alone_vs_batched = np.abs(a[1].astype(int) - b[0].astype(int))
+    assert alone_vs_batched.max() <= 1 and alone_vs_batched.mean() < 0.05
+    assert np.abs(b.astype(int) - c.astype(int)).mean() > 0.5
 
 
 def test_predict_agrees_with_pipeline(spec, denoiser):
