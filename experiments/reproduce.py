@@ -70,7 +70,7 @@ def _quiet_worker() -> None:
     torch.set_num_threads(1)
 
 
-def run_variant(name: str, base: str, workdir: str, model_path: str, extra: dict[str, Any],
+def run_variant(name: str, base: str, workdir: str, model_path: str | None, extra: dict[str, Any],
                 train: dict[str, Any]) -> dict[str, Any]:
     """One variant: a copy of the base workdir's data stages, then train and evaluate."""
     from regdpo.stages import run
@@ -79,7 +79,7 @@ def run_variant(name: str, base: str, workdir: str, model_path: str, extra: dict
     wd = Path(workdir)
     shutil.rmtree(wd, ignore_errors=True)
     _copy_stages(Path(base), wd, ("ingest", "negatives", "shards"))
-    cfg = _config(wd, extra, Path(model_path), train)
+    cfg = _config(wd, extra, Path(model_path) if model_path else None, train)
     out = {"name": name, "train": run(cfg, "train").summary}
     out["evaluate"] = run(cfg, "evaluate").summary
     out["seconds"] = round(time.perf_counter() - start, 1)
@@ -109,9 +109,11 @@ class Clock:
         return round(time.perf_counter() - self.start, 1)
 
 
-def prepare(root: Path, extra: dict[str, Any], warmup_steps: int, clock: Clock) -> tuple[Path, dict[str, Any]]:
+def prepare(root: Path, extra: dict[str, Any], warmup_steps: int, calibrated: bool, clock: Clock
+            ) -> tuple[Path, Path | None, dict[str, Any]]:
     """ingest -> calibrated model -> SFT warm-up -> warm model -> its negatives and shards.
-    Returns the base workdir (ingest, negatives, shards of the warm model) and facts for the record."""
+    Returns the base workdir (ingest, negatives, shards of the final model), that model's
+    directory (None: the tiny preset itself) and facts for the record."""
     from experiments.model_prep import calibrate, pair_spread, warm_up_directory
     from regdpo.stages import run
 
@@ -120,28 +122,32 @@ def prepare(root: Path, extra: dict[str, Any], warmup_steps: int, clock: Clock) 
     t = time.perf_counter()
     run(_config(prep, extra), "ingest")
     clock.done("ingest", t)
-    t = time.perf_counter()
-    facts["calibration"] = calibrate(_config(prep, extra), prep, models / "calibrated")
-    clock.done("calibrate latents", t)
-    t = time.perf_counter()
-    cal = _config(prep, extra, models / "calibrated", {**WARMUP, "max_steps": warmup_steps})
-    for stage in ("generate", "encode", "train"):
-        run(cal, stage)
-    facts["pairs_before_warmup"] = pair_spread(prep / "shards")
-    rows = [json.loads(ln) for ln in (prep / "train" / "metrics.jsonl").read_text().splitlines()]
-    tail = rows[-max(1, len(rows) // 10):]
-    facts["warmup"] = {"steps": len(rows), "err_real_start": rows[0]["err_w"],
-                       "err_real_end": sum(r["err_w"] for r in tail) / len(tail)}
-    warm_up_directory(cal, prep, models / "warm")
-    clock.done("SFT warm-up", t)
+    model: Path | None = None
+    if calibrated:
+        t = time.perf_counter()
+        model = models / "calibrated"
+        facts["calibration"] = calibrate(_config(prep, extra), prep, model)
+        clock.done("calibrate latents", t)
+    if warmup_steps > 0:
+        t = time.perf_counter()
+        cold = _config(prep, extra, model, {**WARMUP, "max_steps": warmup_steps})
+        for stage in ("generate", "encode", "train"):
+            run(cold, stage)
+        facts["pairs_before_warmup"] = pair_spread(prep / "shards")
+        rows = [json.loads(ln) for ln in (prep / "train" / "metrics.jsonl").read_text().splitlines()]
+        tail = rows[-max(1, len(rows) // 10):]
+        facts["warmup"] = {"steps": len(rows), "err_real_start": rows[0]["err_w"],
+                           "err_real_end": sum(r["err_w"] for r in tail) / len(tail)}
+        model = warm_up_directory(cold, prep, models / "warm")
+        clock.done("SFT warm-up", t)
     t = time.perf_counter()
     _copy_stages(prep, base, ("ingest",))
-    warm = _config(base, extra, models / "warm")
+    final = _config(base, extra, model)
     for stage in ("generate", "encode"):
-        run(warm, stage)
+        run(final, stage)
     facts["pairs"] = pair_spread(base / "shards")
-    clock.done("negatives of the warm model", t)
-    return base, facts
+    clock.done("negatives of the model to tune", t)
+    return base, model, facts
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -151,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="train.max_steps of every variant (default: config)")
     parser.add_argument("--warmup-steps", type=int, default=WARMUP["max_steps"])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    parser.add_argument("--no-warmup", action="store_true", help="tune the (calibrated) preset from its random init")
+    parser.add_argument("--no-calibration", action="store_true", help="keep the preset's latent normalisation")
     parser.add_argument("--workers", type=int, default=2,
                         help="variants run side by side, one thread each (0: one after the other in this process)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -169,11 +177,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root = args.out.resolve()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    base, facts = prepare(root, extra, args.warmup_steps, clock)
+    base, model, facts = prepare(root, extra, 0 if args.no_warmup else args.warmup_steps, not args.no_calibration,
+                                 clock)
+    facts["model"] = {"calibrated": not args.no_calibration, "warmup_steps": 0 if args.no_warmup else args.warmup_steps}
 
     t = time.perf_counter()
     jobs = {n: dict(name=n, base=str(base), workdir=str(root / "variants" / _dirname(n)),
-                    model_path=str(root / "models" / "warm"), extra=extra, train=VARIANTS[n]) for n in names}
+                    model_path=str(model) if model else None, extra=extra, train=VARIANTS[n]) for n in names}
     results = []
     if args.workers == 0:  # in this process, one after the other (debugging, tests)
         outcomes = (run_variant(**kw) for kw in jobs.values())
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t = time.perf_counter()
     runs = {n: root / "variants" / _dirname(n) for n in names}
-    written = write_results(runs, args.docs.resolve(), facts, clock.phases, _config(base, extra))
+    written = write_results(runs, args.docs.resolve(), facts, clock.phases, _config(base, extra, model))
     clock.done("tables and figures", t)
     print(f"total: {clock.total}s; results: {written}", flush=True)
     return {"facts": facts, "variants": results, "seconds": clock.total, "results": str(written)}
