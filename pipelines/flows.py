@@ -27,9 +27,7 @@ quiet_progress_bars()  # before anything imports tqdm (see pipelines/logs.py)
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
-import time  # noqa: E402
 import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any, Literal, Optional  # noqa: E402
 
 from prefect import Flow, flow, get_run_logger, task  # noqa: E402
@@ -44,10 +42,9 @@ from pipelines import artifacts, forksafe  # noqa: E402
 from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
 from regdpo import stages as stage_lib  # noqa: E402
 from regdpo.config import Config, load_config  # noqa: E402
-from regdpo.stages.journal import recover  # noqa: E402
 from regdpo.stages.registry import STAGE, STAGE_LIST, Stage  # noqa: E402
 from regdpo.stages.runner import StageInputError  # noqa: E402
-from regdpo.stages.units import Staging, UnitStage  # noqa: E402
+from regdpo.stages.units import UnitStage  # noqa: E402
 
 route_library_logs()
 forksafe.install()
@@ -149,63 +146,48 @@ def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage
     return {"flow_run": run.name}
 
 
-def _run_items(cfg: Config, name: str, plan, fan_out: str, config_path: str, overrides, logger) -> None:
-    """Every work item of `plan`, each a task; one progress line per finished item."""
-    items = plan.work_items
-    total_units = sum(len(i.units) for i in items)
-    logger.info("%s: %d units: %d reused, %d finished earlier, %d to do in %d work items (%s)", name,
-                len(plan.units), len(plan.reused), len(plan.staged), total_units, len(items), fan_out)
-    pool_key = uuid.uuid4().hex
-    if fan_out == "local":
-        pool = _POOLS[pool_key] = stage_lib.DevicePool(cfg, name)
-        window = len(pool.devices) + 1  # every device busy, one item queued; no thread per item
+class _TaskPool:
+    """What `regdpo.stages.run` maps a unit stage's work items over under Prefect: each item a
+    task, on a local DevicePool (`fan_out` local) or as a run of the work-item deployment on any
+    worker of the GPU pool (`deployments`); one progress line per finished item."""
 
-        def submit(i):
-            return _opts(work_item_task).submit(pool_key, name, i.index, i.to_dict())
-    else:
-        pool, window = None, MAX_DISPATCHED
+    def __init__(self, cfg: Config, name: str, fan_out: str, config_path: str, overrides, logger):
+        self.cfg, self.name, self.fan_out = cfg, name, fan_out
+        self.config_path, self.overrides, self.logger = config_path, overrides, logger
 
-        def submit(i):
-            return _opts(dispatch_item_task).submit(config_path, overrides, name, i.index, i.to_dict())
-    try:
-        futures = [submit(i) for i in items[:window]]
-        done_units, errors = 0, []
-        for n, item in enumerate(items, start=1):
-            try:
-                futures[n - 1].result()
-            except Exception as err:  # noqa: BLE001 - the others finish; their units are kept
-                errors.append(err)
-            if n - 1 + window < len(items):
-                futures.append(submit(items[n - 1 + window]))
-            done_units += len(item.units)
-            logger.info("%s: %d/%d work items, %d/%d units", name, n, len(items), done_units, total_units)
-        if errors:
-            raise errors[0]
-    finally:
-        _POOLS.pop(pool_key, None)
-        if pool is not None:
-            pool.close()
+    def map(self, items: list) -> None:
+        name, total_units = self.name, sum(len(i.units) for i in items)
+        pool_key = uuid.uuid4().hex
+        if self.fan_out == "local":
+            pool = _POOLS[pool_key] = stage_lib.DevicePool(self.cfg, name)
+            window = len(pool.devices) + 1  # every device busy, one item queued; no thread per item
 
+            def submit(i):
+                return _opts(work_item_task).submit(pool_key, name, i.index, i.to_dict())
+        else:
+            pool, window = None, MAX_DISPATCHED
 
-def _run_units(cfg: Config, name: str, force: bool, fan_out: str, config_path: str, overrides, logger
-               ) -> dict[str, Any]:
-    """A unit stage: lock the workdir, plan, map its work items over tasks, publish."""
-    workdir = Path(cfg.workdir)
-    with stage_lib.workdir_lock(workdir, command=f"regdpo flow {name} (workdir {workdir})"):
-        recover(workdir, [s.dir for s in STAGE_LIST])
-        staging = Staging(workdir, name)
-        staging.clean_temporaries()
-        if force:
-            staging.clear()  # a redo redoes every unit, not only the ones never finished
-        start = time.perf_counter()
-        plan = stage_lib.plan(cfg, name, force=force)
-        if plan.skipped:
-            rec = stage_lib.read_stage_record(workdir, name) or {}
-            return {"stage": name, "path": str(workdir / STAGE[name].dir), "fingerprint": plan.fingerprint,
-                    "skipped": True, "seconds": 0.0, "summary": rec.get("summary", {})}
-        if plan.work_items:
-            _run_items(cfg, name, plan, fan_out, config_path, overrides, logger)
-        return _result(stage_lib.publish(cfg, plan, seconds=time.perf_counter() - start))
+            def submit(i):
+                return _opts(dispatch_item_task).submit(self.config_path, self.overrides, name, i.index, i.to_dict())
+        try:
+            futures = [submit(i) for i in items[:window]]
+            done_units, errors = 0, []
+            for n, item in enumerate(items, start=1):
+                try:
+                    futures[n - 1].result()
+                except Exception as err:  # noqa: BLE001 - the others finish; their units are kept
+                    errors.append(err)
+                if n - 1 + window < len(items):
+                    futures.append(submit(items[n - 1 + window]))
+                done_units += len(item.units)
+                self.logger.info("%s: %d/%d work items, %d/%d units (%s)", name, n, len(items), done_units,
+                                 total_units, self.fan_out)
+            if errors:
+                raise errors[0]
+        finally:
+            _POOLS.pop(pool_key, None)
+            if pool is not None:
+                pool.close()
 
 
 def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, Any] | None,
@@ -219,7 +201,9 @@ def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, An
     logger.info("%s: %s (workdir %s)", name, "redo" if force else "run unless current", cfg.workdir)
     try:
         if isinstance(stage_lib.get_impl(name), UnitStage):
-            out = _run_units(cfg, name, force, fan_out, str(config_path), overrides, logger)
+            pool = _TaskPool(cfg, name, fan_out, str(config_path), overrides, logger)
+            out = _result(stage_lib.run(cfg, name, force=force, pool=pool,
+                                        command=f"regdpo flow {name} (workdir {cfg.workdir})"))
         else:
             out = _opts(run_stage_task)(cfg, name, force)
     except Exception as err:  # noqa: BLE001 - a task logged the traceback, if any; report one line

@@ -46,9 +46,10 @@ def get_impl(name: str) -> Any:
     return module.UNITS if stage.units else module.build
 
 
-def run(cfg: Config, name: str, *, force: bool = False) -> StageResult:
-    """Run one stage unless it is current (see `runner.run_stage`)."""
-    return run_stage(cfg, name, force=force)
+def run(cfg: Config, name: str, *, force: bool = False, pool: Any = None, command: str | None = None) -> StageResult:
+    """Run one stage unless it is current (see `runner.run_stage`): a unit stage's work items
+    go to `pool.map(items)` (default: a DevicePool over the stage's devices)."""
+    return run_stage(cfg, name, force=force, pool=pool, command=command)
 
 
 def plan(cfg: Config, name: str, *, force: bool = False) -> StagePlan:

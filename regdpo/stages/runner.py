@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from regdpo.stages.lock import workdir_lock
 from regdpo.stages.journal import Transaction, pending_journals, recover
 from regdpo.stages.registry import STAGE, STAGES, get_stage
 from regdpo.stages.units import StagePlan, Staging, UnitStage, make_plan, publish_plan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["STAGES", "BuildFn", "StageContext", "StageInputError", "StageResult", "expected_fingerprint",
            "is_current", "model_identity", "plan_stage", "publish_stage", "read_stage_record", "run_stage",
@@ -209,15 +212,18 @@ def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[
 
 
 def run_stage(cfg: Config, name: str, impl: StageImpl | None = None, *, force: bool = False,
-              pool: Any = None) -> StageResult:
-    """Run one stage unless it is current; holds the workdir lock for the duration.
+              pool: Any = None, command: str | None = None) -> StageResult:
+    """Run one stage unless it is current; holds the workdir lock for the duration (`command`
+    is what the lock names as its holder).
 
-    A unit stage runs its pending work items on `pool` (a parallel.DevicePool; by default one
-    over the stage's configured devices) and publishes. A whole stage calls `impl(ctx)`.
+    A unit stage runs its pending work items on `pool`, anything with `map(work_items)` that
+    returns when every item is done (a parallel.DevicePool over the stage's configured devices
+    by default; an orchestrator passes one that spreads items over its workers), then publishes.
+    A whole stage calls `impl(ctx)`.
     """
-    stage = get_stage(name)
+    get_stage(name)  # an unknown name fails before the lock
     workdir = Path(cfg.workdir)
-    with workdir_lock(workdir, command=f"regdpo stage {name}"):
+    with workdir_lock(workdir, command=command or f"regdpo stage {name}"):
         recover(workdir, [s.dir for s in STAGE.values()])
         impl = impl or get_impl(name)
         if isinstance(impl, UnitStage):
@@ -230,12 +236,15 @@ def _run_units(cfg: Config, name: str, impl: UnitStage, force: bool, pool: Any) 
     staging = Staging(workdir, name)
     staging.clean_temporaries()
     if force:
-        staging.clear()
+        staging.clear()  # a redo redoes every unit, not only the ones never finished
     start = time.perf_counter()
     plan = plan_stage(cfg, name, force=force, impl=impl)
     if plan.skipped:
         rec = read_stage_record(workdir, name) or {}
         return StageResult(name, stage_dir(workdir, name), plan.fingerprint, True, rec.get("summary", {}))
+    todo = sum(len(item.units) for item in plan.work_items)
+    log.info("%s: %d units: %d reused, %d finished earlier, %d to do in %d work items", name, len(plan.units),
+             len(plan.reused), len(plan.staged), todo, len(plan.work_items))
     if plan.work_items:
         if pool is not None:
             pool.map(plan.work_items)
