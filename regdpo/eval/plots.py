@@ -7,7 +7,6 @@ equal (r = DGR), one line and a note saying so.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -37,26 +36,22 @@ PANELS = (
 def load_metrics(path: str | Path) -> tuple[list[dict[str, Any]], int]:
     """train/metrics.jsonl as a list of {key: float}, and how many lines could not be read.
 
-    Tolerant: blank lines and lines that are not a JSON object (e.g. a last line cut short by an
-    interrupted write) are skipped and counted; non-numeric values are dropped; unknown keys are
-    kept; a missing "step" is the line's position.
+    Tolerant, through the trainer's own reader (regdpo/train/observe.py): a torn last line (a
+    write cut short) and, since this only shows the log, any other line that is not a JSON
+    object are skipped with a warning naming the file and line, and counted; non-numeric values
+    are dropped; unknown keys are kept; a missing "step" is the line's position.
     """
-    rows, bad = [], 0
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if not isinstance(raw, dict):
-            bad += 1
-            continue
+    from regdpo.train.observe import read_jsonl_lines
+
+    path = Path(path)
+    read = read_jsonl_lines(path, skip_bad=True)
+    lines = sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip()) if path.is_file() else 0
+    rows = []
+    for i, raw in read:
         row = {k: float(v) for k, v in raw.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        row.setdefault("step", float(i))
+        row.setdefault("step", float(i - 1))
         rows.append(row)
-    return rows, bad
+    return rows, lines - len(read)
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:

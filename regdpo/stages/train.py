@@ -20,7 +20,6 @@ when a checkpoint continues):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -121,6 +120,6 @@ def plan_config(plan: dict[str, Any]) -> Config:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    from regdpo.stages.journal import atomic_write_json
+
+    atomic_write_json(path, obj)

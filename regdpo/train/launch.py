@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from regdpo.stages.journal import atomic_write_json
 from regdpo.train import distributed as D
 
 log = logging.getLogger("regdpo.train")
@@ -96,7 +97,7 @@ def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str
     plan_path, summary_path, metrics = out / PLAN_NAME, out / SUMMARY_NAME, out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)
-    plan_path.write_text(json.dumps({**plan, "summary_file": True}))
+    atomic_write_json(plan_path, {**plan, "summary_file": True})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(num_processes),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
            "-m", "regdpo.train.launch", "--plan", str(plan_path)]
@@ -128,27 +129,32 @@ def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str
 
 
 def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    from regdpo.train.observe import read_jsonl
+
+    try:
+        return len(read_jsonl(path, warn=False))
+    except ValueError:  # a damaged log: the trainer itself refuses it, naming the line
+        return 0
 
 
 def _relay_progress(metrics: Path, seen: int, every: int) -> int:
     """Log rank 0's new metrics rows (every `every` steps) in this process, where an
-    orchestrator's log handler sees them."""
-    if not metrics.is_file():
+    orchestrator's log handler sees them. `seen` counts rows; a last line still being written
+    (or torn) is not a row yet."""
+    from regdpo.train.observe import read_jsonl
+
+    try:
+        rows = read_jsonl(metrics, warn=False)
+    except ValueError:  # a damaged log: the trainer refuses it and fails, naming the file and line
         return seen
-    lines = metrics.read_text().splitlines()
-    if len(lines) < seen:  # truncated on resume
+    if len(rows) < seen:  # truncated on resume
         seen = 0
-    for line in lines[seen:]:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            return seen
-        if (row["step"] + 1) % every == 0 or row.get("skipped"):
-            log.info("step %d loss %s dgr %s win_gap %s lose_gap %s", row["step"] + 1, row.get("loss"),
+    for row in rows[seen:]:
+        step = row.get("step")
+        if isinstance(step, int) and ((step + 1) % every == 0 or row.get("skipped")):
+            log.info("step %d loss %s dgr %s win_gap %s lose_gap %s", step + 1, row.get("loss"),
                      row.get("dgr"), row.get("win_gap"), row.get("lose_gap"))
-        seen += 1
-    return seen
+    return len(rows)
 
 
 def _outer(config: str, overrides: dict[str, Any], force: bool) -> None:

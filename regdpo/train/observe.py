@@ -32,19 +32,66 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, skip_bad: bool = False, warn: bool = True) -> list[dict[str, Any]]:
+    """The rows of an append-only JSON-lines log; see `read_jsonl_lines`."""
+    return [row for _, row in read_jsonl_lines(path, skip_bad=skip_bad, warn=warn)]
+
+
+def read_jsonl_lines(path: Path, *, skip_bad: bool = False, warn: bool = True) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of an append-only JSON-lines log (blank lines skipped; no file: none).
+
+    A torn last line (a write cut short by a kill or a full disk) is dropped, with a warning
+    naming the file and the line unless `warn` is False (a reader that polls a log still being
+    written). Any other line that is not a JSON object means the log was edited or damaged:
+    ValueError naming the file and the line, or, with `skip_bad` (readers that only show the
+    log, such as the report's plots), the line is dropped with a warning too.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    numbered = [(i, line) for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1) if line.strip()]
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for i, line in numbered:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:  # JSONDecodeError is a ValueError
+            if (i, line) == numbered[-1]:
+                if warn:
+                    log.warning("%s: dropping its torn last line %d (a write cut short: %s)", path, i, err)
+                continue
+            if not skip_bad:
+                raise ValueError(f"{path}: line {i} is not a JSON object ({err}); the log was edited or damaged: "
+                                 "restore it, or start training fresh (train.resume: fresh)") from None
+            log.warning("%s: skipping line %d (%s)", path, i, err)
+            continue
+        rows.append((i, row))
+    return rows
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows, each with an integer step (see `read_jsonl` for a torn last line)."""
+    rows = read_jsonl_lines(path)
+    for i, row in rows:
+        if not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+            raise ValueError(f"{path}: line {i} has no integer \"step\"; the log was edited or damaged: restore "
+                             "it, or start training fresh (train.resume: fresh)")
+    return [row for _, row in rows]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged steps >= `step` (written after the checkpoint a run resumes from), atomically."""
+    """Drop logged steps >= `step` (written after the checkpoint a run resumes from) and a torn
+    last line, atomically: readers see the old file or the whole new one, even after a kill."""
+    from regdpo.stages.journal import TMP_MARK, atomic_write_text  # the project's one atomic write
+
+    path = Path(path)
+    for leftover in path.parent.glob(f"{path.name}{TMP_MARK}*"):  # of a rewrite killed before its rename
+        leftover.unlink(missing_ok=True)
+    if not path.is_file():
+        return
     rows = [r for r in read_metrics(path) if r["step"] < step]
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _tensorboard(log_dir: Path):

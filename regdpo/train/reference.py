@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 
 from regdpo.losses import per_sample_error
 from regdpo.train import distributed as D
+from regdpo.train.checkpoint import sync_to_disk
 from regdpo.train.loader import PairSource, Split, make_loader
 from regdpo.train.pairs import PairInputs, pair_inputs
 
@@ -135,6 +136,7 @@ def precompute(spec, cfg, ctx: D.DistContext, source: PairSource, split: Split, 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({"ref_err": table.contiguous()}, str(tmp), metadata={"regdpo": json.dumps(meta)})
+        sync_to_disk(tmp)
         tmp.replace(path)
     D.barrier()
     return PrecomputedReference(table, segment_start)
