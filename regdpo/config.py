@@ -143,6 +143,18 @@ class TimestepConfig(_Strict):
     shift: float = Field(default=1.0, gt=0)
 
 
+class DivergenceConfig(_Strict):
+    """When a training run counts as diverged and stops: nothing it trained since is checkpointed
+    or exported, the stage fails, and a previously published train/ stays."""
+
+    max_loss: float = Field(default=1e6, gt=0, description="stop when a step's loss exceeds this (checked every "
+                                                           "step; Reg-DPO's loss starts near beta/2 x the error)")
+    max_weight_abs: float = Field(default=100.0, gt=0,
+                                  description="stop when a trained weight's |value| exceeds this (checked every "
+                                              "train.log_every steps and before every checkpoint; LoRA weights stay "
+                                              "near 1, a base model's own weights must lie below it)")
+
+
 class TrainConfig(_Strict):
     """Reg-DPO training. Fields marked runtime say where and how fast it runs (processes,
     accumulation split, loader workers, checkpoint cadence, how the reference is held): they are
@@ -183,6 +195,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = runtime(500, ge=1)
     keep_checkpoints: int = runtime(2, ge=1)
     gradient_checkpointing: bool = runtime(False)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig, json_schema_extra={"runtime": True})
 
     @model_validator(mode="after")
     def _r(self) -> "TrainConfig":

@@ -13,7 +13,8 @@ everything trained, forward passes in `model.dtype`.
 
 Writes into out_dir (rank 0): metrics.jsonl, checkpoints/step-NNNNNN/, final/ (a diffusers
 LoRA, or final/transformer for full fine-tuning; the EMA weights with train.ema_decay), and
-reference/ (train.reference: precomputed), tensorboard/. Continues from the latest checkpoint
+reference/ (train.reference: precomputed), tensorboard/. A diverged or non-finite run stops before
+anything diverged is checkpointed or exported (divergence.py). Continues from the latest checkpoint
 in out_dir (same lineage); over a shard set that grew since, as a new segment (lineage.py).
 """
 
@@ -34,6 +35,7 @@ from regdpo.losses import per_sample_error, preference_loss, winner_loss
 from regdpo.models.base import ADAPTER_NAME
 from regdpo.train import distributed as D
 from regdpo.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint, training_tensors
+from regdpo.train.divergence import TrainingDiverged, check_loss, check_weights, nonfinite_message
 from regdpo.train.lineage import lineage_of, resume_state
 from regdpo.train.loader import PairSource, Split, make_loader
 from regdpo.train.observe import TrainLog
@@ -94,6 +96,7 @@ def _train(cfg: Config, spec, source: PairSource, out_dir: Path, ctx: D.DistCont
     run = _build(cfg, spec, ctx, source, split, out_dir, state, lineage, end_step)
     if latest is not None:
         load_checkpoint(latest, training_tensors(run.params, run.optimizer, run.ema, create_optimizer_state=True))
+    check_weights(run.params, state.step, tc, starting=True)
 
     loader = make_loader(source, split, seed=tc.seed, segment=state.segment, segment_start=state.segment_start,
                          start_step=state.step, end_step=end_step, num_workers=tc.loader_workers,
@@ -106,13 +109,18 @@ def _train(cfg: Config, spec, source: PairSource, out_dir: Path, ctx: D.DistCont
         while state.step < end_step:
             micro = [next(batches) for _ in range(tc.gradient_accumulation_steps)]
             last = train_step(run, micro)
+            keys = last.pop("_keys")
             # pairs with non-finite data in the current run of skipped steps, for the message
             bad_keys = [*bad_keys, *last.pop("_bad_keys")] if last["skipped"] else []
             log.record(last)
             state.step += 1
             if state.nonfinite_run >= tc.max_nonfinite_steps:
-                raise FloatingPointError(_nonfinite_message(state, last, bad_keys, tc))
-            if state.step % tc.checkpoint_every == 0 or state.step == end_step:
+                raise TrainingDiverged(nonfinite_message(state, last, bad_keys, tc))
+            checkpoint_due = state.step % tc.checkpoint_every == 0 or state.step == end_step
+            check_loss(last, keys, tc)  # every step: the loss is reduced already, no collective
+            if checkpoint_due or state.step % tc.log_every == 0:  # weights: cheaply, and never saved diverged
+                check_weights(run.params, state.step - 1, tc)
+            if checkpoint_due:
                 save_checkpoint(out_dir / "checkpoints", state, training_tensors(run.params, run.optimizer, run.ema),
                                 ctx, tc.keep_checkpoints)
     finally:
@@ -205,8 +213,10 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
     run.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     bad: list[str] = []
+    keys: list[str] = []
     for a, batch in enumerate(micro_batches):
         bad += nonfinite_pairs(batch)
+        keys += list(batch["key"])
         with D.gradient_sync(run.model, a == len(micro_batches) - 1):
             for k, v in forward_backward(run, batch).items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -233,23 +243,11 @@ def train_step(run: Run, micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
            "skipped_steps": state.skipped_steps, "step_time": seconds, "pairs_per_s": tc.batch_size / seconds,
            "peak_mem_bytes": peak}
     if not finite:
-        row["_bad_keys"] = [k for keys in D.gather_json(bad) for k in keys]
+        row["_bad_keys"] = [k for ks in D.gather_json(bad) for k in ks]
+    # every pair of the step, for a divergence message (gathered only when it could be needed)
+    over = finite and metrics["loss"] > tc.divergence.max_loss
+    row["_keys"] = [k for ks in D.gather_json(keys) for k in ks] if over else keys
     return row
-
-
-def _nonfinite_message(state: TrainState, row: dict[str, Any], bad_keys: list[str], tc) -> str:
-    n = state.nonfinite_run
-    where = f"steps {state.step - n}-{state.step - 1}" if n > 1 else f"step {state.step - 1}"
-    if bad_keys:
-        keys = sorted(set(bad_keys))
-        cause = (f"pair(s) {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} hold non-finite latents or "
-                 "conditioning in the shards: rerun encode for them (regdpo run CONFIG --stage encode --force)")
-    else:
-        cause = (f"the loss or the gradients overflowed: lower train.learning_rate (now {tc.learning_rate}) or "
-                 "train.grad_clip, or use model.dtype float32")
-    return (f"training stopped: {n} steps in a row ({where}) had a non-finite loss or gradient norm "
-            f"(last: loss {row.get('loss')}, grad_norm {row.get('grad_norm')}) and were skipped; likely cause: "
-            f"{cause}. train.max_nonfinite_steps ({tc.max_nonfinite_steps}) sets how many are tolerated.")
 
 
 def export_final(run: Run, final_dir: Path) -> None:
