@@ -8,6 +8,9 @@ real held-out clips in ingest/clips/. Writes into eval/:
   training_curves.png, denoise_error.png, samples.png, samples.mp4
   samples/<clip_id>-{base,tuned}.mp4
 
+Refused before anything is written: a held-out sample key that is not a pair id (keys name
+files), non-finite held-out tensors, non-finite weights in train/final, a non-finite error.
+
 Two passes:
 1. Errors: the denoiser alone (the pairs are pre-encoded), base and tuned on the same latents,
    timesteps and noise.
@@ -29,7 +32,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from regdpo.config import Config
-from regdpo.data.shards import iter_pairs, shard_urls
+from regdpo.data.shards import check_pair_id, iter_pairs, shard_urls
 from regdpo.data.video import read_frames, write_mp4
 from regdpo.eval.contents import report_blocks
 from regdpo.eval.distribution import sample_metrics
@@ -70,6 +73,7 @@ class BaseAndTuned:
                 raise FileNotFoundError(f"{path} holds no transformer: run train first (train.finetune: full)")
             tuned = type(base).from_pretrained(str(path), torch_dtype=spec.dtype, local_files_only=True)
             self._models = {"base": base, "tuned": tuned.to(spec.device).eval()}
+        _check_final(final, self.lora)
 
     @property
     def num_parameters(self) -> int:
@@ -89,6 +93,48 @@ class BaseAndTuned:
             return {"base": "the base weights (train/final's LoRA adapters switched off)",
                     "tuned": "the base weights + the LoRA in train/final"}
         return {"base": "the base weights", "tuned": "the full transformer in train/final/transformer"}
+
+
+def _check_final(final: Path, lora: bool) -> None:
+    """train/final's weights are finite (a NaN there would be published as NaN metrics)."""
+    from safetensors import safe_open
+
+    files = [final / LORA_WEIGHT_NAME] if lora else sorted((final / "transformer").glob("*.safetensors"))
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                if t.is_floating_point() and not t.isfinite().all():
+                    raise ValueError(f"{path}: tensor {name} holds non-finite values, so train/final is unusable: "
+                                     "retrain it (regdpo run CONFIG --stage train --force)")
+
+
+def heldout_pairs(shards: Path) -> list[dict[str, Any]]:
+    """Every held-out pair, refused before any use unless its key is a pair id (it names files:
+    samples/<key>-base.mp4) and its tensors are finite. Each pair also carries its "shard"."""
+    pairs = []
+    for url in shard_urls(shards, "heldout"):
+        for pair in iter_pairs([url]):
+            key = check_pair_id(pair["key"], f"{url}: held-out sample")
+            bad = [n for n, t in pair.items() if hasattr(t, "is_floating_point") and t.is_floating_point()
+                   and not t.isfinite().all()]
+            if bad:
+                raise ValueError(f"{url}: held-out pair {key} holds non-finite values in {', '.join(sorted(bad))}: "
+                                 "rerun encode for it (regdpo run CONFIG --stage encode --force)")
+            pairs.append({**pair, "shard": url})
+    return pairs
+
+
+def check_errors(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> None:
+    """Every held-out denoising error is finite; else the pair is named (never NaN metrics)."""
+    shard = {p["key"]: p["shard"] for p in pairs}
+    for row in rows:
+        bad = {k: v for k, v in row.items() if k.startswith("err_") and not np.isfinite(v)}
+        if bad:
+            names = ", ".join(f"{k} = {v}" for k, v in bad.items())
+            raise ValueError(f"{shard.get(row['key'], 'shards')}: held-out pair {row['key']} at t = {row['t']} gives a "
+                             f"non-finite error ({names}) though its inputs and train/final are finite: a prediction "
+                             "overflowed; use model.dtype float32")
 
 
 def sample_seed(seed: int, clip_id: str) -> int:
@@ -136,7 +182,7 @@ def _identical_predictions(rows: list[dict[str, Any]]) -> bool:
 def build(ctx: StageContext) -> dict[str, Any]:
     cfg, workdir, out = ctx.cfg, ctx.workdir, ctx.out
     ev = cfg.evaluate
-    pairs = list(iter_pairs(shard_urls(workdir / "shards", "heldout")))
+    pairs = heldout_pairs(workdir / "shards")
     if not pairs:
         raise ValueError(f"{workdir / 'shards'}: the heldout split has no pairs; set ingest.min_heldout >= 1 "
                          "(and rerun ingest) to evaluate")
@@ -144,6 +190,7 @@ def build(ctx: StageContext) -> dict[str, Any]:
     models = BaseAndTuned(spec, cfg, workdir)
     boot = ev.bootstrap
     rows = pair_errors(models.use, pairs, ev.timesteps, ev.seed)
+    check_errors(rows, pairs)
     (out / "pair_errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, num_resamples=boot.num_resamples, confidence=boot.confidence, seed=boot.seed)
     summary["models"] = models.describe()
