@@ -55,9 +55,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Shared field declarations. Ranges are what a run can use: a value outside one fails at load
+# time naming the field, instead of failing (or producing garbage) hours into a run.
+SEED: Any = Field(default=0, ge=0, lt=2**63)  # int64: every RNG takes it
+# classifier-free guidance: 1 = none; Wan uses ~5; far above, the sampler saturates or overflows
+GUIDANCE: Any = Field(default=5.0, ge=1, le=50, description="classifier-free guidance scale: 1 = none")
+FLOW_SHIFT: Any = Field(default=None, gt=0, le=100, description="the sampler's timestep shift (default: the model's)")
+
+
 class LoraConfig(_Strict):
-    rank: int = Field(default=16, ge=1)
-    alpha: float = Field(default=16.0, gt=0)
+    rank: int = Field(default=16, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0, le=10_000)
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
 
@@ -71,8 +79,8 @@ class ModelConfig(_Strict):
     path: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = runtime("auto", description="where the model runs: auto (cuda if available), cpu, cuda, cuda:1")
-    max_sequence_length: int = Field(default=512, ge=1)
-    seed: int = 0
+    max_sequence_length: int = Field(default=512, ge=1, le=4096)
+    seed: int = SEED
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -84,10 +92,10 @@ class ModelConfig(_Strict):
 class VideoSpec(_Strict):
     """The training clip spec: every clip is normalised to this (ingest) and generated at it."""
 
-    fps: float = Field(default=16.0, gt=0)
-    num_frames: int = Field(default=81, ge=1)
-    height: int = Field(default=480, ge=16)
-    width: int = Field(default=832, ge=16)
+    fps: float = Field(default=16.0, gt=0, le=240)
+    num_frames: int = Field(default=81, ge=1, le=1025)
+    height: int = Field(default=480, ge=16, le=4096)
+    width: int = Field(default=832, ge=16, le=4096)
 
     @model_validator(mode="after")
     def _wan_shapes(self) -> "VideoSpec":
@@ -103,28 +111,28 @@ class VideoSpec(_Strict):
 class IngestConfig(_Strict):
     manifest: str = Field(description="a CSV, parquet or JSONL manifest (path, caption[, start_s, end_s]), "
                                       "or a folder of videos with same-named .txt captions")
-    min_side: int = Field(default=64, ge=1, description="reject inputs whose shorter side is below this")
+    min_side: int = Field(default=64, ge=1, le=4096, description="reject inputs whose shorter side is below this")
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
-    min_heldout: int = Field(default=1, ge=0)
-    max_clips_per_video: int = Field(default=1, ge=1)
+    min_heldout: int = Field(default=1, ge=0, le=1_000_000)
+    max_clips_per_video: int = Field(default=1, ge=1, le=10_000)
     allow_gif: bool = True
     allow_symlinks_outside: bool = Field(
         default=False, description="follow symlinks in the manifest folder that point outside it")
-    num_workers: int = runtime(1, ge=1, description="decoding processes")
+    num_workers: int = runtime(1, ge=1, le=1024, description="decoding processes")
     work_item_size: int = runtime(32, ge=1, description="manifest rows per work item")
 
 
 class GenerateConfig(_Strict):
-    num_inference_steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=5.0, ge=0)
+    num_inference_steps: int = Field(default=50, ge=1, le=1000)
+    guidance_scale: float = GUIDANCE
     negative_prompt: str = ""
-    flow_shift: float | None = Field(default=None, gt=0)
-    num_negatives: int = Field(default=1, ge=1, description="K negatives per clip -> K pairs")
+    flow_shift: float | None = FLOW_SHIFT
+    num_negatives: int = Field(default=1, ge=1, le=64, description="K negatives per clip -> K pairs")
     batch_size: int = runtime(1, ge=1, description="clips per denoiser call")
     devices: list[str] | None = runtime(None, description="one process per device; default: every visible GPU, "
                                                           "else model.device")
     work_item_size: int = runtime(16, ge=1, description="clips per work item (a Prefect task, a device's turn)")
-    seed: int = 0
+    seed: int = SEED
 
 
 class EncodeConfig(_Strict):
@@ -138,9 +146,9 @@ class EncodeConfig(_Strict):
 
 class TimestepConfig(_Strict):
     sampling: Literal["uniform", "logit_normal"] = "logit_normal"
-    logit_mean: float = 0.0
-    logit_std: float = Field(default=1.0, gt=0)
-    shift: float = Field(default=1.0, gt=0)
+    logit_mean: float = Field(default=0.0, ge=-10, le=10)
+    logit_std: float = Field(default=1.0, gt=0, le=10)
+    shift: float = Field(default=1.0, gt=0, le=100)
 
 
 class DivergenceConfig(_Strict):
@@ -161,15 +169,15 @@ class TrainConfig(_Strict):
     in no fingerprint, and the trajectory does not depend on them."""
 
     objective: Literal["reg-dpo", "dpo", "sft"] = "reg-dpo"
-    beta: float = Field(default=1000.0, gt=0)
+    beta: float = Field(default=1000.0, gt=0, le=1e6)
     r_mode: Literal["dgr", "constant"] = "dgr"
-    r_scale: float = Field(default=1.0, ge=0, description="k in r = k * DGR (r_mode: dgr)")
-    r_constant: float = Field(default=0.0, ge=0, description="r when r_mode: constant")
+    r_scale: float = Field(default=1.0, ge=0, le=1000, description="k in r = k * DGR (r_mode: dgr)")
+    r_constant: float = Field(default=0.0, ge=0, le=1e6, description="r when r_mode: constant")
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     timesteps: TimestepConfig = Field(default_factory=TimestepConfig)
-    learning_rate: float = Field(default=1e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1, description="AdamW's; above 1 no run trains")
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant", description="after warmup: constant, or cosine down to min_lr_ratio x learning_rate at max_steps")
@@ -178,8 +186,8 @@ class TrainConfig(_Strict):
                                     description="keep an EMA of the trained weights (exported as final/); e.g. 0.999")
     max_steps: int = Field(default=1000, ge=1, description="optimizer steps on the current shard set")
     batch_size: int = Field(default=1, ge=1, description="pairs per optimizer step over all processes (global batch)")
-    grad_clip: float = Field(default=1.0, gt=0)
-    seed: int = 0
+    grad_clip: float = Field(default=1.0, gt=0, le=1e6)
+    seed: int = SEED
     resume: Literal["continue", "fresh"] = runtime(
         "continue", description="continue: a finished or interrupted run with the same settings continues from its "
                                 "last checkpoint (also over an enlarged shard set); fresh: start at step 0")
@@ -189,7 +197,7 @@ class TrainConfig(_Strict):
     num_processes: int = runtime(1, ge=1, description="processes (GPUs) the train stage launches with torchrun")
     parallelism: Literal["ddp", "fsdp"] = runtime("ddp", description="ddp: replicate; fsdp: FSDP2 per transformer block")
     gradient_accumulation_steps: int = runtime(1, ge=1, description="micro-batches per optimizer step and process")
-    loader_workers: int = runtime(2, ge=0, description="DataLoader worker processes per training process")
+    loader_workers: int = runtime(2, ge=0, le=256, description="DataLoader worker processes per training process")
     max_nonfinite_steps: int = runtime(3, ge=1, description="abort after this many skipped (non-finite) steps in a row")
     log_every: int = runtime(10, ge=1, description="steps between progress log lines and TensorBoard points")
     checkpoint_every: int = runtime(500, ge=1)
@@ -201,6 +209,9 @@ class TrainConfig(_Strict):
     def _r(self) -> "TrainConfig":
         if self.r_mode == "constant" and self.objective == "reg-dpo" and self.r_constant == 0:
             raise ValueError("train.r_constant is 0 with r_mode: constant, which is plain DPO; set r_constant > 0 or objective: dpo")
+        if self.r_mode == "dgr" and self.objective == "reg-dpo" and self.r_scale == 0:
+            raise ValueError("train.r_scale is 0 with r_mode: dgr, which is plain DPO; set r_scale > 0 (1: r = DGR) or "
+                             "objective: dpo")
         if self.reference == "adapters-off" and self.finetune != "lora":
             raise ValueError("train.reference adapters-off needs train.finetune: lora; use copy or precomputed for full "
                              "fine-tuning (or auto)")
@@ -222,11 +233,11 @@ class TrainConfig(_Strict):
 class BootstrapConfig(_Strict):
     """Paired bootstrap over held-out pairs (regdpo/eval/stats.py)."""
 
-    num_resamples: int = Field(default=2000, ge=100, description="resamples for means over pairs (cheap)")
-    set_resamples: int = Field(default=400, ge=50,
+    num_resamples: int = Field(default=2000, ge=100, le=1_000_000, description="resamples for means over pairs (cheap)")
+    set_resamples: int = Field(default=400, ge=50, le=100_000,
                                description="resamples for statistics of whole sets: each costs two Fréchet distances")
     confidence: float = Field(default=0.95, gt=0.5, lt=1)
-    seed: int = 0
+    seed: int = SEED
     min_clips_for_sets: int = Field(
         default=5, ge=2,
         description="fewest clips for an interval on a statistic of a whole set (Fréchet distance); below it, no verdict")
@@ -235,12 +246,13 @@ class BootstrapConfig(_Strict):
 class EvalSamplesConfig(_Strict):
     """Evaluation's own sampler: changing it redoes evaluation only, never the negatives."""
 
-    num_samples: int = Field(default=4, ge=0, description="held-out captions sampled with base and tuned (0: none)")
-    num_inference_steps: int = Field(default=50, ge=1)
-    guidance_scale: float = Field(default=5.0, ge=0)
+    num_samples: int = Field(default=4, ge=0, le=10_000,
+                             description="held-out captions sampled with base and tuned (0: none)")
+    num_inference_steps: int = Field(default=50, ge=1, le=1000)
+    guidance_scale: float = GUIDANCE
     negative_prompt: str = ""
-    flow_shift: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    flow_shift: float | None = FLOW_SHIFT
+    seed: int = SEED
 
 
 class FeatureExtractorConfig(_Strict):
@@ -268,7 +280,7 @@ class FeatureExtractorConfig(_Strict):
 
 class EvaluateConfig(_Strict):
     timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
-    seed: int = 1234
+    seed: int = Field(default=1234, ge=0, lt=2**63)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     samples: EvalSamplesConfig = Field(default_factory=EvalSamplesConfig)
     feature_extractor: FeatureExtractorConfig = Field(default_factory=FeatureExtractorConfig)
@@ -284,7 +296,7 @@ class Config(_Strict):
     """Root config. `workdir` holds every stage's outputs (layout in docs/DESIGN.md)."""
 
     workdir: str
-    seed: int = 0
+    seed: int = SEED
     model: ModelConfig
     video: VideoSpec = Field(default_factory=VideoSpec)
     ingest: IngestConfig

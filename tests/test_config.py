@@ -49,6 +49,9 @@ def test_cross_field_rules(tmp_path):
         config_from_dict({**BASE, "model": {"preset": "tiny", "path": "/models/wan"}})
     with pytest.raises(ConfigError, match="r_constant"):
         config_from_dict({**BASE, "train": {"r_mode": "constant"}})
+    with pytest.raises(ConfigError, match=r"train.r_scale is 0 with r_mode: dgr, which is plain DPO"):
+        config_from_dict({**BASE, "train": {"r_scale": 0}})
+    assert config_from_dict({**BASE, "train": {"r_scale": 0, "objective": "dpo"}}).train.r_scale == 0
     with pytest.raises(ConfigError, match=r"ingest.*required"):
         config_from_dict({k: v for k, v in BASE.items() if k != "ingest"})
 
@@ -115,3 +118,80 @@ def test_every_float_field_rejects_inf_and_nan_naming_it(tmp_path):
             with pytest.raises(ConfigError, match=rf"{re.escape(dotted)}\b.*finite") as err:
                 load_config(_write(tmp_path, BASE), {dotted: value})
             assert dotted in str(err.value)
+
+
+def _numeric_fields(model, prefix=""):
+    """(dotted name, type, lower, upper) of every int/float field of the config models, recursively;
+    a bound is (value, inclusive) or None. Read from the models' own constraints."""
+    import typing
+
+    import annotated_types as at
+    from pydantic import BaseModel
+
+    for name, info in model.model_fields.items():
+        args = typing.get_args(info.annotation)
+        nested = [a for a in (info.annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if nested:
+            yield from _numeric_fields(nested[0], f"{prefix}{name}.")
+            continue
+        kinds = [a for a in (info.annotation, *args) if a in (int, float)]
+        if not kinds or typing.get_origin(info.annotation) is list:  # lists: checked by their validators
+            continue
+        lower = upper = None
+        for m in info.metadata:
+            if isinstance(m, at.Ge):
+                lower = (m.ge, True)
+            elif isinstance(m, at.Gt):
+                lower = (m.gt, False)
+            elif isinstance(m, at.Le):
+                upper = (m.le, True)
+            elif isinstance(m, at.Lt):
+                upper = (m.lt, False)
+        yield f"{prefix}{name}", kinds[0], lower, upper
+
+
+def _past(bound, kind, direction):
+    value, inclusive = bound
+    if kind is int:
+        return value + direction if inclusive else value
+    return value + direction * max(abs(value) * 1e-6, 1e-9) if inclusive else value
+
+
+def test_every_numeric_field_has_a_range_and_rejects_values_past_it(tmp_path):
+    """Generated from the config models: every int/float field has a lower bound, and a value just
+    past any bound (below the lower, above the upper) fails naming the field."""
+    from regdpo.config import Config
+
+    fields = list(_numeric_fields(Config))
+    names = {f[0] for f in fields}
+    assert len(fields) >= 60 and {"train.learning_rate", "video.fps", "generate.guidance_scale", "seed"} <= names
+    assert not [f[0] for f in fields if f[2] is None], "numeric fields without a lower bound"
+    path = _write(tmp_path, BASE)
+    checked = 0
+    for dotted, kind, lower, upper in fields:
+        for bound, direction in ((lower, -1), (upper, +1)):
+            if bound is None:
+                continue
+            bad = _past(bound, kind, direction)
+            with pytest.raises(ConfigError, match=rf"\n  {re.escape(dotted)}: .*(greater|less) than") as err:
+                load_config(path, {dotted: bad})
+            assert f"got {bad!r}" in str(err.value), (dotted, str(err.value))
+            checked += 1
+    assert checked >= 80
+
+
+def test_the_ranges_the_issue_found_missing():
+    """Values that were accepted and failed (or produced garbage) at run time."""
+    for dotted, bad in (("train.learning_rate", 1e3), ("generate.guidance_scale", 1e38), ("video.fps", 1000.0),
+                        ("generate.guidance_scale", 0.5), ("evaluate.samples.guidance_scale", 0.0),
+                        ("train.seed", -1), ("ingest.num_workers", 0), ("train.timesteps.logit_mean", 1e9)):
+        section, _, rest = dotted.partition(".")
+        node: dict = {}
+        cursor = node
+        *parents, leaf = rest.split(".")
+        for p in parents:
+            cursor = cursor.setdefault(p, {})
+        cursor[leaf] = bad
+        raw = {**BASE, section: {**BASE.get(section, {}), **node}}
+        with pytest.raises(ConfigError, match=re.escape(dotted)):
+            config_from_dict(raw)
