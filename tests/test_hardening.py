@@ -11,17 +11,20 @@ reproduced, and what happens now.
 |                                              | test_hardening.py::test_every_metrics_reader_drops_the_torn_last_line,      |
 |                                              | test_hardening.py::test_a_kill_inside_the_truncation_keeps_the_old_log      |
 | `.inf` guidance (black negatives published)  | test_hardening.py::test_inf_and_out_of_range_guidance_fail_before_any_stage, |
-|                                              | test_config.py::test_every_float_field_rejects_inf_and_nan_naming_it,       |
-|                                              | test_pairs_at_scale.py::test_unusable_generations_fail_their_unit          |
+|                                              | test_config.py::test_every_float_field_rejects_inf_and_nan_naming_it       |
 | NaN held-out latents / NaN train/final       | test_hardening.py::test_nan_heldout_latents_are_refused_naming_the_sample,  |
-|                                              | test_hardening.py::test_nan_weights_in_train_final_are_refused              |
-| `train.learning_rate: 1e3` diverged LoRA     | test_hardening.py::test_lr_1e3_fails_naming_the_learning_rate_and_publishes_nothing, |
-|                                              | test_hardening.py::test_divergence_names_the_step_and_keeps_no_diverged_checkpoint |
-| 19 of 65 bad config values accepted          | test_config.py::test_every_bounded_numeric_field_rejects_a_value_past_its_bound, |
+|                                              | test_hardening.py::test_nan_weights_in_train_final_are_refused,             |
+|                                              | test_hardening.py::test_non_finite_held_out_errors_name_the_pair_and_shard  |
+| `train.learning_rate: 1e3` diverged LoRA     | test_hardening.py::test_inf_and_out_of_range_guidance_fail_before_any_stage, |
+|                                              | test_hardening.py::test_lr_1e3_fails_naming_the_learning_rate_and_publishes_nothing, |
+|                                              | test_hardening.py::test_divergence_names_the_step_and_keeps_the_published_run, |
+|                                              | test_hardening.py::test_a_loss_beyond_the_bound_blames_data_or_learning_rate |
+| 19 of 65 bad config values accepted          | test_config.py::test_every_numeric_field_has_a_range_and_rejects_values_past_it, |
+|                                              | test_config.py::test_the_ranges_the_issue_found_missing,                   |
 |                                              | test_runner.py::test_evaluate_without_a_heldout_split_fails_before_anything_runs |
 | shard key `../../x` written outside workdir  | test_hardening.py::test_a_crafted_shard_key_fails_naming_shard_and_key,     |
 |                                              | test_shards.py::test_pair_ids_are_checked_before_use_as_a_name             |
-| symlink out of the manifest folder           | test_ingest.py::test_hostile_rows_get_reasons_that_say_what_is_wrong |
+| symlink out of the manifest folder           | test_ingest.py::test_hostile_rows_get_reasons_that_say_what_is_wrong       |
 | replaced source video / edited shard         | test_pairs_at_scale.py::test_replaced_source_and_edited_shard_make_their_dependents_stale, |
 |                                              | test_runner.py::test_replaced_model_weights_redo_model_stages              |
 | ~165-line errors                             | test_server_lifetime.py::test_a_failing_run_prints_one_line_and_no_traceback, |
@@ -55,6 +58,14 @@ def shards(tmp_path_factory):
 
 def _urls(root: Path) -> list[str]:
     return [str(p) for p in sorted((root / "train").glob("*.tar"))]
+
+
+def test_the_table_above_names_tests_that_exist():
+    here = Path(__file__).parent
+    named = re.findall(r"(test_\w+\.py)::(test_\w+)", __doc__)
+    assert len(named) >= 25
+    missing = [f"{f}::{t}" for f, t in named if not re.search(rf"^def {t}\(", (here / f).read_text(), re.M)]
+    assert not missing
 
 
 # ---- torn metrics line ---------------------------------------------------------------------
@@ -121,6 +132,28 @@ def test_a_kill_inside_the_truncation_keeps_the_old_log(tmp_path, monkeypatch):
     truncate_metrics(metrics, 2)
     assert [r["step"] for r in read_rows(metrics)] == [0, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+# ---- config values that ran and published garbage --------------------------------------------
+
+
+def test_inf_and_out_of_range_guidance_fail_before_any_stage(tmp_path):
+    """`generate.guidance_scale: .inf` gave ten solid-black negatives, published."""
+    import yaml
+
+    from regdpo.config import ConfigError, load_config
+    from tests.pipeline_helpers import small_config
+
+    path = small_config(tmp_path)
+    text = path.read_text()
+    for value, why in ((".inf", "finite"), ("1.0e+38", "less than or equal to 50"), ("0.5", "greater than or equal to 1")):
+        raw = yaml.safe_load(text)
+        path.write_text(yaml.safe_dump(raw).replace("guidance_scale: 1.0", f"guidance_scale: {value}"))
+        with pytest.raises(ConfigError, match=rf"generate\.guidance_scale: .*{why}"):
+            load_config(path)
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: .*less than or equal to 1 \(got 1000.0\)"):
+        load_config(small_config(tmp_path), {"train.learning_rate": 1e3})
+    assert not (tmp_path / "run").exists()
 
 
 # ---- a real (tiny) pipeline to break ----------------------------------------------------------
