@@ -181,7 +181,10 @@ def test_unusable_generations_fail_their_unit(tmp_path, monkeypatch):
     assert generate.check_video(np.zeros((9, 8, 8, 3), np.uint8), True).startswith("every frame is one constant")
     assert "non-finite" in generate.check_video(np.ones((9, 8, 8, 3), np.uint8), False)
     assert generate.check_video(np.arange(9 * 8 * 8 * 3, dtype=np.uint8).reshape(9, 8, 8, 3), True) is None
-    cfg = load_config(_config(tmp_path, rows=2, generate={"guidance_scale": 1e38}))  # overflows to inf
+    cfg = load_config(_config(tmp_path, rows=2))
+    # The config refuses such a guidance scale; bypass it to make the sampler overflow to inf
+    # (whatever the cause, a non-finite generation must fail its unit, never be published).
+    cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"guidance_scale": 1e38})})
     run(cfg, "ingest")
     result = run(cfg, "generate")
     assert result.summary["units_failed"] == 2 and result.summary["num_negatives"] == 0
