@@ -145,7 +145,9 @@ def test_two_device_processes_give_the_same_negatives(tmp_path):
 
 
 def test_k_negatives_make_k_pairs_named_by_k(tmp_path):
-    cfg = load_config(_config(tmp_path, rows=2, generate={"num_negatives": 2}))
+    cfg = load_config(_config(tmp_path, rows=2, generate={"num_negatives": 2},
+                              train={"max_steps": 1, "loader_workers": 0},
+                              evaluate={"samples": {"num_samples": 4, "num_inference_steps": 1}}))
     for name in ("ingest", "generate", "encode"):
         run(cfg, name)
     table = pd.read_parquet(Path(cfg.workdir) / "negatives" / "negatives.parquet")
@@ -155,6 +157,13 @@ def test_k_negatives_make_k_pairs_named_by_k(tmp_path):
     assert sorted(_pairs_in_shards(Path(cfg.workdir))) == sorted(table["negative_id"])
     a, b = (read_frames(Path(cfg.workdir) / p) for p in table.sort_values(["clip_id", "k"])["path"][:2])
     assert not np.array_equal(a, b)  # two different samples of one clip
+    # evaluate samples each held-out clip once (its K pairs share its caption and real clip)
+    run(cfg, "train")
+    heldout = set(pd.read_parquet(Path(cfg.workdir) / "ingest" / "clips.parquet").query("split == 'heldout'")["clip_id"])
+    result = run(cfg, "evaluate")
+    assert result.summary["num_pairs"] == 2 * len(heldout)
+    samples = sorted(p.name for p in (Path(cfg.workdir) / "eval" / "samples").glob("*.mp4"))
+    assert samples == sorted(f"{c}-{m}.mp4" for c in heldout for m in ("base", "tuned"))
 
 
 def test_batched_sampling_matches_the_diffusers_pipeline_per_prompt():

@@ -147,11 +147,17 @@ def _generate_samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: l
                       ) -> list[SampleSet]:
     """Base and tuned videos for the first held-out captions (eval/samples/<id>-{base,tuned}.mp4)."""
     s, v = cfg.evaluate.samples, cfg.video
-    chosen = pairs[: s.num_samples]
+    # One sample per held-out clip: with generate.num_negatives K > 1 a clip has K pairs
+    # (<clip_id>_k<k>), all with its caption and its real clip.
+    by_clip = {}
+    for p in pairs:
+        cid = check_pair_id(str(p["meta"].get("clip_id", p["key"])), f"{p['shard']}: held-out pair {p['key']} clip_id")
+        by_clip.setdefault(cid, p)
+    chosen = list(by_clip.values())[: s.num_samples]
     if not chosen:
         return []
     (out / "samples").mkdir(exist_ok=True)
-    ids = [p["key"] for p in chosen]
+    ids = list(by_clip)[: s.num_samples]
     captions = [p["meta"]["caption"] for p in chosen]
     seeds = [sample_seed(s.seed, cid) for cid in ids]
     real = [read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4") for cid in ids]
