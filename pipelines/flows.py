@@ -27,6 +27,7 @@ quiet_progress_bars()  # before anything imports tqdm (see pipelines/logs.py)
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, Literal, Optional  # noqa: E402
 
@@ -136,14 +137,44 @@ def work_item_task(pool_key: str, stage: str, index: int, item: dict[str, Any]) 
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
 def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage: str, index: int,
                        item: dict[str, Any]) -> dict[str, Any]:
-    """One work item as a run of the work-item deployment (any worker of its pool); waits for it."""
-    run = run_deployment(WORK_ITEM_DEPLOYMENT, parameters={"config_path": config_path, "item": item,
-                                                           "overrides": overrides}, timeout=None)
+    """One work item as a run of the work-item deployment (any worker of its pool); waits for it.
+
+    The run is created with an idempotency key (this stage run, item, attempt): a retry after a
+    hiccup while creating it gets the same run back instead of a duplicate; a retry after the
+    run failed makes a new one. Waiting rides out transient API errors."""
+    from prefect.runtime import task_run
+
+    key = f"{flow_run.get_id()}:{stage}-{index}:attempt-{task_run.get_run_count()}"
+    created = run_deployment(WORK_ITEM_DEPLOYMENT, parameters={"config_path": config_path, "item": item,
+                                                               "overrides": overrides},
+                             timeout=0, idempotency_key=key)
+    run = _wait_for_flow_run(created.id)
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"work item {stage}-{index}: flow run {run.name} ended "
                            f"{run.state.name if run.state else 'without a state'}: "
                            f"{(run.state.message if run.state else '') or 'see its logs'}")
     return {"flow_run": run.name}
+
+
+def _wait_for_flow_run(flow_run_id, poll_s: float = 2.0, max_api_errors: int = 30):
+    """The flow run once its state is final; up to `max_api_errors` failed reads in a row (a
+    server restart, a timeout under load) are waited out rather than failing the work item."""
+    from prefect import get_client
+
+    errors = 0
+    while True:
+        try:
+            with get_client(sync_client=True) as client:
+                run = client.read_flow_run(flow_run_id)
+            errors = 0
+        except Exception:  # noqa: BLE001 - transient API trouble; the run itself goes on
+            errors += 1
+            if errors > max_api_errors:
+                raise
+            run = None
+        if run is not None and run.state is not None and run.state.is_final():
+            return run
+        time.sleep(poll_s)
 
 
 class _TaskPool:

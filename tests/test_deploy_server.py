@@ -257,5 +257,7 @@ def test_work_items_fan_out_to_the_gpu_pool_and_the_stage_publishes_once(deploye
     with get_client(sync_client=True) as client:
         items = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
             name=DeploymentFilterName(any_=["work-item"]))) if r.parameters["overrides"]["workdir"] == inputs["workdir"]]
-    assert sorted(r.name for r in items) == ["generate-0", "generate-1"]  # 3 clips, 2 per item
-    assert all(r.state.is_completed() for r in items)
+    # 3 clips, 2 per item: each item completed exactly once (a failed attempt, retried, may
+    # leave a failed run beside it; never a second completed one)
+    assert sorted(r.name for r in items if r.state.is_completed()) == ["generate-0", "generate-1"], \
+        [(r.name, r.state.name, r.state.message) for r in items]
