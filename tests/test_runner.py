@@ -515,3 +515,36 @@ def test_evaluate_without_a_heldout_split_fails_before_anything_runs(config_path
     (shards / "index.json").write_text(json.dumps({"splits": {"train": {"num_samples": 3, "shards": []}}}))
     with pytest.raises(StageInputError, match="has none"):
         stages.check_inputs(_cfg(config_path), ["train", "evaluate"])
+
+
+def test_a_batched_worker_fails_only_the_bad_unit(tmp_path):
+    """A batch that raises is redone one unit at a time; a unit whose result carries an error
+    (or raises alone) fails with its reason; its neighbours are done, in every path."""
+    from regdpo.stages.units import BatchedUnitWorker, Staging, Unit
+
+    class Worker(BatchedUnitWorker):
+        batch_size = 3
+        calls: list[int] = []
+
+        def process_units(self, units, outs):
+            self.calls.append(len(units))
+            if len(units) > 1 and any(u.spec["kind"] == "raises" for u in units):
+                raise RuntimeError("the batch cannot run")
+            if any(u.spec["kind"] == "raises" for u in units):
+                raise RuntimeError("this clip is broken")
+            return {u.key: ({"error": "constant frames"} if u.spec["kind"] == "degenerate" else {"n": 1})
+                    for u in units}
+
+    kinds = ["ok", "raises", "degenerate", "ok", "degenerate", "ok"]
+    units = [Unit(f"u{i}", f"{i:016x}", {"kind": k}) for i, k in enumerate(kinds)]
+    staging = Staging(tmp_path, "generate")
+    counts = Worker().process_batch(units, staging)
+    assert counts == {"done": 3, "failed": 3}
+    assert Worker.calls == [3, 1, 1, 1, 3]  # first batch redone one by one, the second kept whole
+    assert [u.id for u in units if staging.is_done(u.key)] == ["u0", "u3", "u5"]
+    reasons = {f["id"]: f["reason"] for f in staging.failures().values()}
+    assert reasons == {"u1": "RuntimeError: this clip is broken", "u2": "ValueError: constant frames",
+                       "u4": "constant frames"}
+    # nothing but sealed units and failure notes is left (no half-written folder)
+    assert sorted(p.name for p in staging.root.iterdir()) == sorted(
+        [units[i].key for i in (0, 3, 5)] + [f"{units[i].key}.failed.json" for i in (1, 2, 4)])

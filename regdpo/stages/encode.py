@@ -15,7 +15,6 @@ re-encoding) and removed. Training then needs neither the VAE nor the text encod
 from __future__ import annotations
 
 import json
-import logging
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,23 @@ from regdpo.data.video import read_frames
 from regdpo.stages.common import load_clips, load_negatives, resolve_devices
 from regdpo.stages.journal import Transaction
 from regdpo.stages.runner import model_identity
-from regdpo.stages.units import StagePlan, Staging, Unit, UnitStage, UnitWorker, content_key, read_index, stage_folder
+from regdpo.stages.units import (
+    BatchedUnitWorker,
+    StagePlan,
+    Staging,
+    Unit,
+    UnitStage,
+    UnitWorker,
+    content_key,
+    read_index,
+    stage_folder,
+)
 
-log = logging.getLogger(__name__)
 
 MEMBERS = ("pair.safetensors", "meta.json")
 
 
-class EncodeWorker(UnitWorker):
+class EncodeWorker(BatchedUnitWorker):
     """The VAE and the condition models on one device."""
 
     def __init__(self, cfg: Config, workdir: Path, device: str | None):
@@ -57,35 +65,11 @@ class EncodeWorker(UnitWorker):
                              f"{(v.num_frames, v.height, v.width, 3)}; rerun ingest and generate")
         return frames
 
-    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
-        return self.encode([unit], {unit.key: out})[unit.key]
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.encode.batch_size
 
-    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
-        from regdpo.stages.units import run_one
-
-        counts = {"done": 0, "failed": 0}
-        todo = [u for u in units if not staging.is_done(u.key)]
-        counts["done"] += len(units) - len(todo)
-        size = max(1, self.cfg.encode.batch_size)
-        for i in range(0, len(todo), size):
-            batch = todo[i:i + size]
-            outs = {u.key: staging.begin(u.key) for u in batch}
-            try:
-                results = self.encode(batch, outs)
-            except Exception as err:  # fall back to one pair at a time, so only the bad pair fails
-                log.warning("encode: a batch of %d pairs failed (%s); retrying them one at a time", len(batch), err)
-                for u in batch:
-                    import shutil
-
-                    shutil.rmtree(outs[u.key], ignore_errors=True)
-                    counts["done" if run_one(self, u, staging) else "failed"] += 1
-                continue
-            for u in batch:
-                staging.finish(outs[u.key], u, results[u.key])
-                counts["done"] += 1
-        return counts
-
-    def encode(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    def process_units(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """Latents of every winner and loser in batched VAE calls; each distinct caption embedded once."""
         import torch
 

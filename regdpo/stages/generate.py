@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,17 @@ from regdpo.data.video import read_frames, write_mp4
 from regdpo.stages.common import load_clips, resolve_devices
 from regdpo.stages.journal import Transaction
 from regdpo.stages.runner import model_identity
-from regdpo.stages.units import StagePlan, Staging, Unit, UnitStage, UnitWorker, content_key, run_one, stage_folder
+from regdpo.stages.units import (
+    BatchedUnitWorker,
+    StagePlan,
+    Staging,
+    Unit,
+    UnitStage,
+    UnitWorker,
+    content_key,
+    stage_folder,
+)
 
-log = logging.getLogger(__name__)
 
 NEGATIVE_SCHEMA = pa.schema([
     ("negative_id", pa.string()), ("clip_id", pa.string()), ("k", pa.int64()), ("seed", pa.int64()),
@@ -65,7 +72,7 @@ def check_video(frames: np.ndarray, latents_finite: bool) -> str | None:
     return None
 
 
-class GenerateWorker(UnitWorker):
+class GenerateWorker(BatchedUnitWorker):
     """The denoiser (and, as they are used, the text encoder and VAE) on one device."""
 
     def __init__(self, cfg: Config, workdir: Path, device: str | None):
@@ -76,37 +83,11 @@ class GenerateWorker(UnitWorker):
         self.spec = load_model(model_cfg)
         self.denoiser = self.spec.load_denoiser()
 
-    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
-        return self._batch([unit], {unit.key: out})[unit.key]
+    @property
+    def batch_size(self) -> int:  # clips per denoiser call: K negatives each
+        return max(1, self.cfg.generate.batch_size // self.cfg.generate.num_negatives)
 
-    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
-        counts = {"done": 0, "failed": 0}
-        todo = [u for u in units if not staging.is_done(u.key)]
-        counts["done"] += len(units) - len(todo)
-        per_call = max(1, self.cfg.generate.batch_size // self.cfg.generate.num_negatives)
-        for i in range(0, len(todo), per_call):
-            batch = todo[i:i + per_call]
-            outs = {u.key: staging.begin(u.key) for u in batch}
-            try:
-                results = self._batch(batch, outs)
-            except Exception as err:  # one bad clip must not fail its neighbours: retry them one by one
-                log.warning("generate: a batch of %d clips failed (%s); retrying them one at a time", len(batch), err)
-                for u in batch:
-                    _remove_dir(outs[u.key])
-                    counts["done" if run_one(self, u, staging) else "failed"] += 1
-                continue
-            for u in batch:
-                result = results[u.key]
-                if "error" in result:
-                    _remove_dir(outs[u.key])
-                    staging.fail(u, result["error"])
-                    counts["failed"] += 1
-                else:
-                    staging.finish(outs[u.key], u, result)
-                    counts["done"] += 1
-        return counts
-
-    def _batch(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    def process_units(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """Sample every negative of `units` in one generate call; write mp4s into `outs`."""
         import torch
 
@@ -144,12 +125,6 @@ class GenerateWorker(UnitWorker):
             result["negatives"].append({"negative_id": name, "clip_id": u.spec["clip_id"], "k": k,
                                         "seed": u.spec["seeds"][k]})
         return results
-
-
-def _remove_dir(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class GenerateUnits(UnitStage):

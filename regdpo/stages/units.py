@@ -170,6 +170,56 @@ class UnitWorker(ABC):
         pass
 
 
+class BatchedUnitWorker(UnitWorker):
+    """A worker that does several units per call (one denoiser or VAE call for `batch_size`
+    units). A batch that raises is redone one unit at a time, so only the bad unit fails; a
+    unit whose result carries an "error" fails alone."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """Units per `process_units` call."""
+
+    @abstractmethod
+    def process_units(self, units: list[Unit], outs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Do `units` together, each writing into its `outs[unit.key]`; results by unit key
+        (a result with "error": reason fails that unit)."""
+
+    def process(self, unit: Unit, out: Path) -> dict[str, Any]:
+        result = self.process_units([unit], {unit.key: out})[unit.key]
+        if "error" in result:
+            raise ValueError(result["error"])
+        return result
+
+    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
+        counts = {"done": 0, "failed": 0}
+        todo = [u for u in units if not staging.is_done(u.key)]
+        counts["done"] += len(units) - len(todo)
+        size = max(1, self.batch_size)
+        for i in range(0, len(todo), size):
+            batch = todo[i:i + size]
+            outs = {u.key: staging.begin(u.key) for u in batch}
+            try:
+                results = self.process_units(batch, outs)
+            except Exception as err:  # noqa: BLE001 - one bad unit must not fail its neighbours
+                log.warning("%s: a batch of %d units failed (%s); redoing them one at a time", staging.root.name,
+                            len(batch), err)
+                for u in batch:
+                    shutil.rmtree(outs[u.key], ignore_errors=True)
+                    counts["done" if run_one(self, u, staging) else "failed"] += 1
+                continue
+            for u in batch:
+                result = results[u.key]
+                if "error" in result:
+                    shutil.rmtree(outs[u.key], ignore_errors=True)
+                    staging.fail(u, result["error"])
+                    counts["failed"] += 1
+                else:
+                    staging.finish(outs[u.key], u, result)
+                    counts["done"] += 1
+        return counts
+
+
 def run_one(worker: UnitWorker, unit: Unit, staging: Staging) -> bool:
     """Process and seal one unit; a failure is recorded with its reason (and retried next run)."""
     if staging.is_done(unit.key):
