@@ -24,7 +24,8 @@ def resolve_device(name: str) -> torch.device:
 
 def load_model(model_cfg: ModelConfig) -> VideoModelSpec:
     """The spec for `model_cfg.family` (its tiny preset or a local model directory); nothing loaded yet."""
-    from regdpo.models.wan import WanI2VSpec, WanT2VSpec  # lazy: diffusers is slow to import
+    from regdpo.models.wan import WanT2VSpec  # lazy: diffusers is slow to import
+    from regdpo.models.wan_i2v import WanI2VSpec
 
     families = {"wan-t2v": WanT2VSpec, "wan-i2v": WanI2VSpec}
     if model_cfg.family not in families:
