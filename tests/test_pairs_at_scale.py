@@ -49,6 +49,12 @@ def _config(root: Path, rows: int, **sections) -> Path:
     return path
 
 
+def make_pairs(cfg) -> None:
+    """ingest, generate and encode: the stages this file is about."""
+    for name in ("ingest", "generate", "encode"):
+        run(cfg, name)
+
+
 def _mtimes(folder: Path, pattern: str) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.glob(pattern)}
 
@@ -66,8 +72,7 @@ def test_a_new_manifest_row_costs_one_negative_and_one_pair(tmp_path):
     path = _config(tmp_path, rows=9)
     cfg = load_config(path)
     workdir = Path(cfg.workdir)
-    for name in ("ingest", "generate", "encode"):
-        run(cfg, name)
+    make_pairs(cfg)
     negatives, shards = _mtimes(workdir / "negatives", "*.mp4"), _mtimes(workdir / "shards", "*/*.tar")
     assert len(negatives) == 9 and sorted(_pairs_in_shards(workdir)) == sorted(Path(n).stem for n in negatives)
 
@@ -85,8 +90,7 @@ def test_a_new_manifest_row_costs_one_negative_and_one_pair(tmp_path):
     assert all(run(cfg, n).skipped for n in ("ingest", "generate", "encode"))
 
     _config(tmp_path, rows=8)  # two rows removed: they drop out, their shards are compacted
-    for name in ("ingest", "generate", "encode"):
-        run(cfg, name)
+    make_pairs(cfg)
     pairs = _pairs_in_shards(workdir)
     assert len(pairs) == len(set(pairs)) == 8 and len(_mtimes(workdir / "negatives", "*.mp4")) == 8
     table = pd.read_parquet(workdir / "negatives" / "negatives.parquet")
@@ -127,8 +131,7 @@ def test_two_device_processes_give_the_same_negatives(tmp_path):
     one = load_config(_config(tmp_path / "one", rows=3))
     two = load_config(_config(tmp_path / "two", rows=3, generate={"devices": ["cpu", "cpu"], "work_item_size": 1}))
     for cfg in (one, two):
-        for name in ("ingest", "generate", "encode"):
-            run(cfg, name)
+        make_pairs(cfg)
     neg_one, neg_two = (Path(c.workdir) / "negatives" for c in (one, two))
     names = sorted(p.name for p in neg_one.glob("*.mp4"))
     assert names == sorted(p.name for p in neg_two.glob("*.mp4")) and len(names) == 3
@@ -148,8 +151,7 @@ def test_k_negatives_make_k_pairs_named_by_k(tmp_path):
     cfg = load_config(_config(tmp_path, rows=2, generate={"num_negatives": 2},
                               train={"max_steps": 1, "loader_workers": 0},
                               evaluate={"samples": {"num_samples": 4, "num_inference_steps": 1}}))
-    for name in ("ingest", "generate", "encode"):
-        run(cfg, name)
+    make_pairs(cfg)
     table = pd.read_parquet(Path(cfg.workdir) / "negatives" / "negatives.parquet")
     assert len(table) == 4 and sorted(table["k"]) == [0, 0, 1, 1] and table["seed"].is_unique
     assert all(n == f"{c}_k{k}" for n, c, k in zip(table["negative_id"], table["clip_id"], table["k"]))
@@ -226,8 +228,7 @@ def test_replaced_source_and_edited_shard_make_their_dependents_stale(tmp_path):
     path = _config(tmp_path, rows=3)
     cfg = load_config(path)
     workdir = Path(cfg.workdir)
-    for name in ("ingest", "generate", "encode"):
-        run(cfg, name)
+    make_pairs(cfg)
     train_fp = expected_fingerprint(cfg, "train")[0]
 
     # the same file name, another video: a new clip (content hash), its negative, its pair
