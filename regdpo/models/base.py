@@ -129,6 +129,27 @@ class VideoModelSpec(ABC):
     ) -> np.ndarray:
         """Sample one uint8 video (F, H, W, 3) per prompt with `denoiser`; video i depends only on seeds[i]."""
 
+    # ---- structure of a denoiser (what distributed code shards and checkpoints) ---------------
+
+    def transformers(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The diffusers transformer modules that make up `denoiser`: itself, or one per expert
+        for a family whose denoiser is a set of experts routed by timestep."""
+        return [denoiser]
+
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The transformer blocks FSDP shards one by one and activation checkpointing wraps,
+        over every transformer of `denoiser` (diffusers names them `blocks` or `transformer_blocks`)."""
+        out: list[torch.nn.Module] = []
+        for transformer in self.transformers(denoiser):
+            found = getattr(transformer, "blocks", None)
+            if found is None:
+                found = getattr(transformer, "transformer_blocks", None)
+            if found is None:
+                raise ValueError(f"{type(transformer).__name__} has no `blocks` or `transformer_blocks`: its spec must "
+                                 "override blocks()")
+            out.extend(found)
+        return out
+
     def bind(self, denoiser: torch.nn.Module) -> "BoundDenoiser":
         """`denoiser` with this spec's predict/generate, for code that compares models (base vs tuned)."""
         return BoundDenoiser(self, denoiser)

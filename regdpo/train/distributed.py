@@ -93,19 +93,19 @@ def shutdown(ctx: DistContext) -> None:
 
 
 def parallelize(model: torch.nn.Module, ctx: DistContext, parallelism: str, compute_dtype: torch.dtype, *,
-                trainable: bool = True) -> torch.nn.Module:
+                blocks: list[torch.nn.Module] | None = None, trainable: bool = True) -> torch.nn.Module:
     """The module to call for forward passes: FSDP2-sharded in place, DDP-wrapped, or itself.
 
-    `trainable=False` (a frozen reference copy) never needs DDP; with FSDP it is sharded too.
+    `blocks` (the spec's `blocks(model)`) are what FSDP shards one by one; `trainable=False` (a
+    frozen reference copy) never needs DDP; with FSDP it is sharded too.
     """
     if parallelism == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        blocks = getattr(model, "blocks", None)
-        if blocks is None:
-            raise ValueError(f"FSDP needs the denoiser's transformer blocks as `.blocks`; {type(model).__name__} "
-                             "has none: use train.parallelism: ddp")
+        if not blocks:
+            raise ValueError(f"FSDP needs the transformer blocks of {type(model).__name__} to shard: use "
+                             "train.parallelism: ddp")
         for block in blocks:
             fully_shard(block, mesh=ctx.mesh, mp_policy=mp)
         fully_shard(model, mesh=ctx.mesh, mp_policy=mp)

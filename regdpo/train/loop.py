@@ -166,7 +166,7 @@ def _build(cfg: Config, spec, ctx: D.DistContext, source: PairSource, split: Spl
     if tc.gradient_checkpointing and hasattr(denoiser, "enable_gradient_checkpointing"):
         denoiser.enable_gradient_checkpointing()
     denoiser.train()
-    model = D.parallelize(denoiser, ctx, tc.parallelism, compute)
+    model = D.parallelize(denoiser, ctx, tc.parallelism, compute, blocks=spec.blocks(denoiser))
     params = {n: p for n, p in denoiser.named_parameters() if p.requires_grad}  # after sharding: FSDP swaps them
     if not params:
         raise ValueError("no trainable parameters: check train.finetune and train.lora.target_modules")

@@ -62,7 +62,7 @@ class CopyReference:
         self.spec, self.ctx, self.precision = spec, ctx, precision
         self.offload = offload and ctx.device.type != "cpu" and parallelism != "fsdp"
         model = spec.load_denoiser(device="cpu" if self.offload else ctx.device).requires_grad_(False).eval()
-        self.model = D.parallelize(model, ctx, parallelism, compute_dtype, trainable=False)
+        self.model = D.parallelize(model, ctx, parallelism, compute_dtype, blocks=spec.blocks(model), trainable=False)
 
     def errors(self, x: PairInputs) -> tuple[torch.Tensor, torch.Tensor]:
         if self.offload:
@@ -120,7 +120,7 @@ def precompute(spec, cfg, ctx: D.DistContext, source: PairSource, split: Split, 
         return PrecomputedReference(have, segment_start)
     new = torch.zeros(end_step - first_missing, tc.batch_size, 2, dtype=torch.float32, device=ctx.device)
     model = spec.load_denoiser(device=ctx.device).requires_grad_(False).eval()
-    model = D.parallelize(model, ctx, parallelism, compute_dtype, trainable=False)
+    model = D.parallelize(model, ctx, parallelism, compute_dtype, blocks=spec.blocks(model), trainable=False)
     loader = make_loader(source, split, seed=tc.seed, segment=segment, segment_start=segment_start,
                          start_step=first_missing, end_step=end_step, num_workers=num_workers)
     for batch in loader:
