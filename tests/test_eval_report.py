@@ -10,7 +10,7 @@ from regdpo.data.video import read_frames
 from regdpo.eval.contents import report_blocks, training_observations
 from regdpo.eval.plots import ema, load_metrics, plot_denoise_error, plot_training_curves
 from regdpo.eval.report import TINY_WARNING, render_markdown, toy_warning, write_report
-from regdpo.eval.samples import write_contact_sheet, write_sample_grid
+from regdpo.eval.samples import FONT_PX, GAP, MIN_CELL, _fit, _font, write_contact_sheet, write_sample_grid
 from tests.test_eval_fixtures import sample_sets, summary_with_samples, train_rows
 
 
@@ -39,10 +39,12 @@ def test_report_puts_the_verdict_first_and_says_when_the_model_is_a_toy(report):
     md_path, html_path = report
     md = md_path.read_text()
     assert TINY_WARNING in md
-    assert md.index("## Verdict") < md.index("## Training") < md.index("## Samples") < md.index("## Configuration")
+    assert md.index(TINY_WARNING) < md.index("## Verdict") < md.index("## Training") < md.index("## Samples") < \
+        md.index("## Configuration")
     table = md[md.index("| metric |"):md.index("\n\n", md.index("| metric |"))]
     assert len(table.splitlines()) == 2 + 7  # header, rule, 4 error metrics, Fréchet, 2 temporal
-    assert "n=2" in table and "PROXY" in table
+    assert len(table.splitlines()[0].split(" | ")) == 5  # narrow: metric, base, tuned, change, verdict
+    assert "over 2 pairs or 2 clips" in md and "PROXY" in table
     for verdict in re.findall(r"\*\*(.+?)\*\*", table):
         assert verdict in ("better", "worse", "no measurable change")
     assert "FVD" not in md.replace("not FID/FVD", "").replace("FID or FVD", "")
@@ -99,9 +101,17 @@ def test_observations_name_the_failure_modes():
 
 def test_sample_grid_and_contact_sheet(tmp_path):
     sets = sample_sets(2, frames=5, size=16)
+    sets[0].caption = "a very long caption " * 20  # must be cut to its row, not run across the video
     grid = read_frames(write_sample_grid(sets, tmp_path / "grid.mp4", 8))
     assert grid.shape[0] == 5 and grid.shape[1] % 2 == 0 and grid.shape[2] % 2 == 0
-    assert grid.shape[1] >= 2 * 128  # two rows, each enlarged to at least 128 pixels
+    assert grid.shape[1] >= 2 * MIN_CELL and grid.shape[2] >= 3 * MIN_CELL  # 16-px clips enlarged for display
+    # no label crosses into a neighbouring column: the header band is dark in the gaps between columns
+    band = FONT_PX + 12
+    for c in (1, 2):
+        gap = grid[0, :band, c * MIN_CELL + (c - 1) * GAP:c * (MIN_CELL + GAP)]
+        assert gap.max() < 80, f"text in the gap before column {c}"
+    font = _font(FONT_PX)
+    assert font.getlength(_fit(sets[0].caption, font, 300)) <= 300
     assert write_contact_sheet(sets, tmp_path / "sheet.png").stat().st_size > 5_000
     assert sets[0].tuned_vs_base() == pytest.approx(5.0)
     with pytest.raises(ValueError, match="one shape"):

@@ -108,8 +108,7 @@ def test_every_metrics_reader_drops_the_torn_last_line(tmp_path, caplog):
         assert [r["step"] for r in read_metrics(metrics)] == [0, 1, 2, 3]
         assert _relay_progress(metrics, 0, 2) == 4  # rows relayed; the line being written waits
     relayed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
-    assert relayed == ["step 2 loss 0.5 dgr None win_gap None lose_gap None",
-                       "step 4 loss 0.5 dgr None win_gap None lose_gap None"]
+    assert relayed == ["step 2  loss 0.5", "step 4  loss 0.5"]
     rows, unread = load_metrics(metrics)
     assert [r["step"] for r in rows] == [0, 1, 2, 3] and unread == 1
     assert read_jsonl(tmp_path / "absent.jsonl") == []

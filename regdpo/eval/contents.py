@@ -1,8 +1,10 @@
 """What the evaluation report says, in order, as blocks (report.py renders them).
 
-Order: the verdict, the training curves with plain observations, the per-timestep errors, the
-samples, the distribution metrics, the configuration. It never overstates: a tiny random-init
-model says so first, a proxy metric is called a proxy, and the number of pairs is always given.
+Order: one sentence of verdict (headline.py), the warnings, why the preference term could not
+learn when the data say so, the verdict table, the training curves with plain observations, the
+per-timestep margin and errors, the samples, the distribution metrics, the configuration. It
+never overstates: a tiny random-init model says so, a proxy metric is called a proxy, and the
+number of pairs is always given.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from regdpo.eval.plots import LN2, ema, equal_series, series
-from regdpo.eval.report import Block, fmt, headline, timestep_table, verdict_table
+from regdpo.eval.headline import decide, pairs_note, training_end
+from regdpo.eval.report import Block, fmt, interval_note, timestep_table, verdict_table
 
 LAST_STEP_KEYS = ("loss", "dpo_loss", "sft_loss", "s", "dgr", "r", "win_gap", "lose_gap", "implicit_acc")
 
@@ -40,49 +43,62 @@ def training_observations(rows: list[dict[str, Any]], beta: float) -> list[str]:
     _, r = series(rows, "r")
     if equal_series(dgr, r):
         notes.append("r equals DGR at every step, so the two curves are one line.")
+    end = training_end(rows)
+    if end is not None and end.degenerate:
+        notes.append(f"The win gap ended positive ({fmt(end.win_gap)}) while s is negative ({fmt(end.s)}): the model "
+                     "fits the real clips worse than the reference and the negatives even worse (METHOD.md's "
+                     "'cheating' path).")
     _, win = series(rows, "win_gap")
-    _, s = series(rows, "s")
-    if len(win) >= 4 and len(s) == len(win):
-        w_end, s_end = float(ema(win)[-1]), float(ema(s)[-1])
-        if w_end > 0 and s_end < 0:
-            notes.append(f"The win gap ended positive ({fmt(w_end)}) while s is negative ({fmt(s_end)}): the model fits "
-                         "the real clips worse than the reference and the negatives even worse (METHOD.md's 'cheating' "
-                         "path).")
-        _, lose = series(rows, "lose_gap")
-        if len(lose) == len(win):
-            scale = max(float(np.abs(win).max()), 1e-12)
-            if float(np.abs(win - lose).max()) < 0.05 * scale:
-                notes.append("The win gap and lose gap moved together (they differ by s, under 5% of their size): "
-                             "the model changed its fit of real clips and negatives alike; see the margin s panel.")
+    _, lose = series(rows, "lose_gap")
+    if end is not None and len(lose) == len(win):
+        scale = max(float(np.abs(win).max()), 1e-12)
+        if float(np.abs(win - lose).max()) < 0.05 * scale:
+            notes.append("The win gap and lose gap moved together (they differ by s, under 5% of their size): "
+                         "the model changed its fit of real clips and negatives alike; see the margin s panel.")
     return notes
+
+
+# Below this mean squared distance between a pair's two latents (the noise has variance 1), the
+# preference term has next to nothing to learn from: docs/EXPERIMENT.md measured 1e-4 (no margin
+# learned) against 0.137 once the latents were normalised (a margin learned).
+SEPARATION_FLOOR = 1e-2
 
 
 def report_blocks(*, summary: dict[str, Any], config_yaml: str, toy_note: str | None, beta: float,
                   train_rows: list[dict[str, Any]], unread_lines: int, plots: dict[str, str],
-                  samples: list[dict[str, Any]], sample_files: dict[str, str]) -> list[Block]:
+                  samples: list[dict[str, Any]], sample_files: dict[str, str], experiment_doc: str | None = None
+                  ) -> list[Block]:
     """`toy_note`: the warning a toy-sized model's report opens with (report.toy_warning), or None;
     `plots`: {"training": png, "denoise": png, "samples": png} (names relative to the report);
-    `samples`: per caption {clip_id, caption, seed, tuned_vs_base}; `sample_files`: {"grid": mp4}."""
+    `samples`: per caption {clip_id, caption, seed, tuned_vs_base}; `sample_files`: {"grid": mp4};
+    `experiment_doc`: a link to docs/EXPERIMENT.md from the report's folder, where there is one."""
     n = summary["num_pairs"]
-    blocks = [Block("h1", "regdpo evaluation report")]
+    rows = summary["verdicts"]
+    decision = decide(rows, train_rows)
+    blocks = [Block("h1", "regdpo evaluation report"), Block("p", decision.sentence)]
     if toy_note:
         blocks.append(Block("warn", toy_note))
-    rows = summary["verdicts"]
+    if summary.get("identical_predictions"):
+        blocks.append(Block("warn", "Base and tuned gave identical predictions on every held-out pair: train/final "
+                                    "changed nothing, or the comparison is not between two different models."))
+    why = _why_no_margin(summary, experiment_doc)
+    if why:
+        blocks.append(Block("p", why))
     blocks += [
         Block("h2", "Verdict: tuned against base"),
-        Block("p", headline(rows, n)),
         verdict_table(rows),
+        Block("p", " ".join(filter(None, [interval_note(rows), pairs_note(n)]))),
         Block("p", f"Denoising errors: {n} held-out pairs, timesteps {', '.join(f'{t:g}' for t in summary['timesteps'])}, "
                    "one fixed noise per pair shared by real clip, negative, base and tuned; each pair's value is its "
-                   "mean over the timesteps. Intervals: " + _methods(rows) + "."),
+                   "mean over the timesteps."),
         Block("p", "Which member each model fits better, over (pair, t): the base model fits the real clip better than "
                    f"its negative in {summary['preference_acc']['base']:.0%} of cases, the tuned model in "
                    f"{summary['preference_acc']['tuned']:.0%}."),
     ]
     blocks += [Block("h2", "Training"), *_training(train_rows, unread_lines, beta, plots.get("training"))]
-    blocks += [Block("h2", "Denoising error per timestep"), timestep_table(summary["per_timestep"])]
+    blocks += [Block("h2", "Margin and errors per timestep"), timestep_table(summary["per_timestep"])]
     if plots.get("denoise"):
-        blocks.append(Block("img", "denoising error per timestep", path=plots["denoise"]))
+        blocks.append(Block("img", "margin s and denoising errors per timestep", path=plots["denoise"]))
     blocks += _samples(samples, plots.get("samples"), sample_files)
     if "sample_metrics" in summary:
         blocks += _distribution(summary["sample_metrics"], rows)
@@ -90,9 +106,22 @@ def report_blocks(*, summary: dict[str, Any], config_yaml: str, toy_note: str | 
     return blocks
 
 
-def _methods(rows: list[dict[str, Any]]) -> str:
-    methods = sorted({r["interval"]["method"] for r in rows if r["interval"]["method"] != "none"})
-    return "; ".join(methods) or "none could be computed"
+def _why_no_margin(summary: dict[str, Any], doc: str | None) -> str | None:
+    """Why the preference term barely learns, when the held-out pairs show it: the real clip and
+    its negative are almost the same latent, so the errors the margin is made of barely differ."""
+    sep = summary.get("latent_separation")
+    s = next((r for r in summary["verdicts"] if r["metric"] == "s"), None)
+    if not sep or s is None or s["verdict"] == "better" or sep["mean_squared_distance"] >= SEPARATION_FLOOR:
+        return None
+    where = f"[docs/EXPERIMENT.md]({doc})" if doc else "docs/EXPERIMENT.md (in the regdpo sources)"
+    gap = summary.get("base_error_gap")
+    errors = (f", and the base model's denoising errors on the two differ by {gap:.1g} on average" if gap is not None
+              else "")
+    return (f"Why the preference term barely learns here: a real clip and its negative lie "
+            f"{sep['mean_squared_distance']:.1g} apart in latent space (mean squared distance over "
+            f"{sep['num_pairs']} held-out pairs, against noise of variance 1){errors}, so β·s stays near 0 and what "
+            f"moves comes from the SFT term. {where} measures this on the tiny preset and shows what it takes at "
+            "this scale (latents normalised to unit variance, an SFT warm-up) for a margin to be learned.")
 
 
 def _training(rows: list[dict[str, Any]], unread: int, beta: float, png: str | None) -> list[Block]:

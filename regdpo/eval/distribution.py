@@ -45,15 +45,15 @@ def sample_metrics(real: list[np.ndarray], videos: dict[str, list[np.ndarray]], 
     gaps = {k: temporal_gaps(real, v) for k, v in videos.items()}
     rows = [
         verdict_row("frechet", extractor.label, fds["base"], fds["tuned"], fd_change, better="lower", want="lower",
-                    unit="clips"),
-        verdict_row("temporal_motion_gap", "temporal consistency: |motion(sample) - motion(real)| per caption",
+                    unit="clips", short="the Fréchet distance"),
+        verdict_row("temporal_motion_gap", "motion gap to the real clip: |motion(sample) - motion(real)|",
                     float(gaps["base"]["motion"].mean()), float(gaps["tuned"]["motion"].mean()),
                     mean_interval(gaps["tuned"]["motion"] - gaps["base"]["motion"], **boot), better="lower",
-                    want="lower", unit="clips"),
-        verdict_row("temporal_flicker_gap", "temporal consistency: |flicker(sample) - flicker(real)| per caption",
+                    want="lower", unit="clips", short="the motion gap"),
+        verdict_row("temporal_flicker_gap", "flicker gap to the real clip: |flicker(sample) - flicker(real)|",
                     float(gaps["base"]["flicker"].mean()), float(gaps["tuned"]["flicker"].mean()),
                     mean_interval(gaps["tuned"]["flicker"] - gaps["base"]["flicker"], **boot), better="lower",
-                    want="lower", unit="clips"),
+                    want="lower", unit="clips", short="the flicker gap"),
     ]
     stats = {k: [temporal_stats(v) for v in vs] for k, vs in {"real": real, **videos}.items()}
     return {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from regdpo.data.shards import conditioning
-from regdpo.eval.stats import Interval, mean_interval, proportion_interval, shifted, verdict
+from regdpo.eval.stats import COMPONENT, MARGIN, SAMPLES, Interval, mean_interval, proportion_interval, shifted, verdict
 from regdpo.flow_matching import pair_noise
 from regdpo.losses import per_sample_error
 
@@ -29,9 +29,9 @@ def _pair_generator(seed: int, key: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], timesteps: list[float], seed: int
-                ) -> list[dict[str, Any]]:
-    """One row per (pair, t): err_{base,tuned}_{w,l}.
+def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], timesteps: list[float], seed: int,
+                progress: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """One row per (pair, t): err_{base,tuned}_{w,l}; `progress(1)` is called after each pair.
 
     `use("base" | "tuned")` returns that model bound to its spec (`spec.bind(denoiser)`: device,
     noisy_and_target, predict); it is called right before each model's forward pass, so a LoRA
@@ -54,15 +54,36 @@ def pair_errors(use: Callable[[str], Any], pairs: Iterable[dict[str, Any]], time
                 err = per_sample_error(use(name).predict(noisy, t2, cond), target)
                 row[f"err_{name}_w"], row[f"err_{name}_l"] = err[0].item(), err[1].item()
             rows.append(row)
+        if progress is not None:
+            progress(1)
     return rows
 
 
 def verdict_row(metric: str, label: str, base: float | None, tuned: float, interval: Interval, *,
-                better: str, want: str, unit: str = "pairs") -> dict[str, Any]:
-    """One line of the verdict table: the interval is on the change (tuned - base), null 0."""
-    return {"metric": metric, "label": label, "base": base, "tuned": tuned, "change": interval.estimate,
-            "interval": interval.as_dict(), "better": better, "want": want, "unit": unit,
-            "verdict": verdict(interval, better=better)}
+                better: str, want: str, unit: str = "pairs", role: str = SAMPLES, short: str | None = None
+                ) -> dict[str, Any]:
+    """One line of the verdict table: the interval is on the change (tuned - base), null 0.
+    `role` (stats.MARGIN, COMPONENT or SAMPLES) says how the headline reads it; `short`, a name
+    for a sentence (default: `label`)."""
+    return {"metric": metric, "label": label, "short": short or label, "base": base, "tuned": tuned,
+            "change": interval.estimate, "interval": interval.as_dict(), "better": better, "want": want, "unit": unit,
+            "verdict": verdict(interval, better=better), "role": role}
+
+
+def latent_separation(pairs: Iterable[dict[str, Any]]) -> dict[str, float]:
+    """How far apart the two members of a pair are in latent space: the mean over pairs of the
+    mean squared distance between latents_w and latents_l, beside the winners' variance. The
+    noise the errors are measured under has variance 1: a separation orders of magnitude below
+    it leaves the preference term almost nothing to learn from."""
+    dist, var = [], []
+    for p in pairs:
+        w, lose = p["latents_w"].float(), p["latents_l"].float()
+        dist.append(float((w - lose).pow(2).mean()))
+        var.append(float(w.var()))
+    if not dist:
+        raise ValueError("latent_separation needs at least one pair")
+    return {"mean_squared_distance": float(np.mean(dist)), "winner_variance": float(np.mean(var)),
+            "num_pairs": len(dist)}
 
 
 class _PairTable:
@@ -105,20 +126,20 @@ def summarize(rows: list[dict[str, Any]], *, num_resamples: int = 2000, confiden
                 "per_t": per_t(member)}
 
     verdicts = [
-        verdict_row("denoise_error_real", "denoising error on the real held-out clips", float(e["base_w"].mean()),
-                    float(e["tuned_w"].mean()), mean_interval(win_pt.mean(1), **boot), better="lower",
-                    want="lower (win gap < 0)"),
-        verdict_row("denoise_error_negative", "denoising error on their negatives", float(e["base_l"].mean()),
+        verdict_row("s", "margin s = win gap - lose gap", 0.0, float(s_pt.mean()), mean_interval(s_pt.mean(1), **boot),
+                    better="lower", want="< 0", role=MARGIN),
+        verdict_row("implicit_acc", "implicit accuracy: share of pairs with s < 0", 0.5, float(pair_acc.estimate),
+                    shifted(pair_acc, 0.5), better="higher", want="> 0.5, chance", role=MARGIN),
+        verdict_row("denoise_error_real", "win gap: denoising error on the real clips", float(e["base_w"].mean()),
+                    float(e["tuned_w"].mean()), mean_interval(win_pt.mean(1), **boot), better="lower", want="lower",
+                    role=COMPONENT),
+        verdict_row("denoise_error_negative", "lose gap: denoising error on their negatives", float(e["base_l"].mean()),
                     float(e["tuned_l"].mean()), mean_interval(lose_pt.mean(1), **boot), better="higher",
-                    want="higher (lose gap > 0)"),
-        verdict_row("s", "margin s (win gap - lose gap)", 0.0, float(s_pt.mean()), mean_interval(s_pt.mean(1), **boot),
-                    better="lower", want="< 0"),
-        verdict_row("implicit_acc", "implicit accuracy: fraction of pairs with s < 0, as change from chance 0.5",
-                    None, float(pair_acc.estimate), shifted(pair_acc, 0.5), better="higher", want="> 0.5"),
+                    want="higher", role=COMPONENT),
     ]
     timestep_rows = []
     for j, t in enumerate(tab.ts):
-        row: dict[str, Any] = {"t": t}
+        row: dict[str, Any] = {"t": t, "s": mean_interval(s_pt[:, j], **boot).as_dict()}
         for member, name in MEMBERS.items():
             change = e[f"tuned_{member}"][:, j] - e[f"base_{member}"][:, j]
             row[name] = {"base": float(e[f"base_{member}"][:, j].mean()),
@@ -133,6 +154,8 @@ def summarize(rows: list[dict[str, Any]], *, num_resamples: int = 2000, confiden
         "win_gap": float(win_pt.mean()),
         "lose_gap": float(lose_pt.mean()),
         "implicit_acc_pairs": pair_acc.as_dict(),
+        # how far apart the base model's errors on the two members are: what the margin works with
+        "base_error_gap": float(np.abs(e["base_w"] - e["base_l"]).mean()),
         # fraction of (pair, t) where the model fits the real clip better than its negative
         "preference_acc": {m: float(pref[m].mean()) for m in MODELS},
         "denoise_error_real": error_block("w"),

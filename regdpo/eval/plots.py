@@ -1,4 +1,4 @@
-"""PNG plots for the report: training curves and held-out denoising error per timestep.
+"""PNG plots for the report: training curves and the held-out margin and errors per timestep.
 
 Curves are drawn as an exponential moving average (bold) over the raw values (faint). Series
 that would lie on top of each other get their own panel (win gap, lose gap) or, when they are
@@ -151,38 +151,51 @@ def _errorbars(interval_dicts: list[dict[str, Any]]) -> tuple[np.ndarray, np.nda
     return est, np.vstack([lo, hi]), bounded
 
 
+def _change_panel(ax, ts: np.ndarray, series_: list[tuple[str, list[dict[str, Any]], str, str]], title: str) -> None:
+    """Changes tuned - base per timestep with their intervals; an unbounded interval is marked.
+    Several series are nudged apart along t, so equal ones do not hide each other."""
+    width = float(ts.max() - ts.min()) if len(ts) > 1 else 1.0
+    for i, (label, intervals, color, marker) in enumerate(series_):
+        est, err, bounded = _errorbars(intervals)
+        x = ts + (i - (len(series_) - 1) / 2) * 0.012 * width
+        ax.errorbar(x, est, yerr=err, fmt=f"{marker}-", color=color, capsize=4, label=label)
+        for t, e, ok in zip(x, est, bounded):
+            if not ok:
+                ax.annotate("no interval", (t, e), fontsize=7, color="grey", textcoords="offset points", xytext=(3, 6))
+    ax.axhline(0.0, color="grey", lw=0.9, ls=":")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("tuned - base")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot_denoise_error(summary: dict[str, Any], out: str | Path) -> Path:
-    """Per timestep: error of base and tuned on the real clips and on the negatives (top), and
-    the change tuned - base with its interval (bottom)."""
+    """Per timestep: the margin s with its interval (top left: what preference training moves),
+    its two components, the win and lose gap (top right), and the errors of base and tuned on the
+    real clips and on the negatives (bottom)."""
     per_t = summary["per_timestep"]
     ts = np.array([r["t"] for r in per_t])
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
-    for col, (member, want) in enumerate((("real", "want lower: < 0"), ("negative", "want higher: > 0"))):
-        ax = axes[0][col]
+    if all("s" in r for r in per_t):
+        _change_panel(axes[0][0], ts, [("s, interval", [r["s"] for r in per_t], "C2", "D")],
+                      "margin s = win gap - lose gap (want < 0)")
+    _change_panel(axes[0][1], ts, [("win gap (real), interval", [r["real"]["change"] for r in per_t], "C0", "o"),
+                                   ("lose gap (negative), interval", [r["negative"]["change"] for r in per_t], "C3", "s")],
+                  "its components: win gap (want < 0), lose gap (want > 0)")
+    for col, member in enumerate(("real", "negative")):
+        ax = axes[1][col]
         ax.plot(ts, [r[member]["base"] for r in per_t], "o-", color="C0", label="base")
         ax.plot(ts, [r[member]["tuned"] for r in per_t], "s--", color="C1", label="tuned")
-        ax.set_title(f"denoising error on the {member} held-out clips" if member == "real"
+        ax.set_title("denoising error on the real held-out clips" if member == "real"
                      else "denoising error on their negatives", fontsize=10)
         ax.set_ylabel("err (mean squared, per element)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        ax = axes[1][col]
-        est, err, bounded = _errorbars([r[member]["change"] for r in per_t])
-        ax.errorbar(ts, est, yerr=err, fmt="D-", color="C2", capsize=4, label="tuned - base, interval")
-        for t, e, ok in zip(ts, est, bounded):
-            if not ok:
-                ax.annotate("no interval", (t, e), fontsize=7, color="grey", textcoords="offset points", xytext=(3, 6))
-        ax.axhline(0.0, color="grey", lw=0.9, ls=":")
-        ax.set_title(f"change on the {member} clips ({want})", fontsize=10)
         ax.set_xlabel("t (noise level)")
-        ax.set_ylabel("tuned - base")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     n = summary["num_pairs"]
-    fig.suptitle(f"held-out denoising error per timestep ({n} pair{'s' if n != 1 else ''}, same noise for both models)",
-                 fontsize=11)
+    fig.suptitle(f"held-out margin and denoising errors per timestep ({n} pair{'s' if n != 1 else ''}, same noise for "
+                 "both models)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return Path(out)
-

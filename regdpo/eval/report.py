@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import html
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regdpo.eval.stats import BETTER, SAME, WORSE, Interval, format_interval
+from regdpo.eval.stats import BETTER, COMPONENT, MARGIN, SAME, WORSE, Interval
 
 MAX_EMBEDDED_VIDEO = 8 * 2**20  # bytes; larger grids are linked, not embedded
 
@@ -36,17 +37,24 @@ def toy_warning(preset: str | None, num_parameters: int) -> str | None:
     return None
 
 
-def fmt(x: float | None) -> str:
-    """4 significant digits; "—" for a missing value (None or NaN), "inf" for an unbounded one."""
+def doc_link(name: str, report_dir: Path) -> str | None:
+    """A relative link from `report_dir` to docs/<name> of the checkout this code runs from, or
+    None when the package is installed without its docs."""
+    doc = Path(__file__).resolve().parents[2] / "docs" / name
+    return os.path.relpath(doc, Path(report_dir).resolve()) if doc.is_file() else None
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """`digits` significant digits; "—" for a missing value (None or NaN), "inf" for an unbounded one."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
-    return f"{x:.4g}"
+    return f"{x:.{digits}g}"
 
 
-def fmt_signed(x: float) -> str:
-    return f"{x:+.4g}" if math.isfinite(x) else str(x)
+def fmt_signed(x: float, digits: int = 4) -> str:
+    return f"{x:+.{digits}g}" if math.isfinite(x) else str(x)
 
 
 @dataclass
@@ -63,33 +71,62 @@ def interval_of(row: dict[str, Any]) -> Interval:
     return Interval(**row["interval"])
 
 
+def change_cell(row: dict[str, Any], digits: int = 4) -> str:
+    """'-0.4594 [-0.5274, -0.3914]': a verdict row's change and its interval (or why it has none),
+    to `digits` significant digits."""
+    iv = interval_of(row)
+    if not (math.isfinite(iv.low) and math.isfinite(iv.high)):
+        return f"{fmt_signed(row['change'], digits)} (no interval: {iv.note or 'none'})"
+    return f"{fmt_signed(row['change'], digits)} [{fmt(iv.low, digits)}, {fmt(iv.high, digits)}]"
+
+
+_DIRECTION = {"denoise_error_real": {BETTER: "fell: real clips fit better", WORSE: "rose: real clips fit worse"},
+              "denoise_error_negative": {BETTER: "rose", WORSE: "fell"}}
+
+
+def reading(row: dict[str, Any]) -> str:
+    """The verdict column: a plain verdict for what decides; for a component of the margin, only
+    the direction it moved (it is part of s, not a vote of its own)."""
+    if row.get("role") == COMPONENT:
+        return _DIRECTION.get(row["metric"], {}).get(row["verdict"], row["verdict"])
+    return f"**{row['verdict']}**"
+
+
 def verdict_table(rows: list[dict[str, Any]]) -> Block:
+    """The narrow verdict table: the margin rows first, its two components under them, then the
+    sample metrics (any other row, e.g. a scorer, joins those)."""
+    rank = {MARGIN: 0, COMPONENT: 1}
     body = []
-    for r in rows:
-        body.append([r["label"], fmt(r["base"]), fmt(r["tuned"]), fmt_signed(r["change"]),
-                     format_interval(interval_of(r), fmt), r["want"], f"**{r['verdict']}**"])
-    return Block("table", header=["metric", "base", "tuned", "change (tuned - base)", "interval of the change", "want",
-                                  "verdict"], rows=body)
+    for r in sorted(rows, key=lambda r: rank.get(r.get("role"), 2)):
+        name = f"{r['label']} (want {r['want']})"
+        if r.get("role") == COMPONENT:
+            name = "↳ " + name
+        body.append([name, fmt(r["base"], 3), fmt(r["tuned"], 3), change_cell(r, 3), reading(r)])
+    return Block("table", header=["metric", "base", "tuned", "change [95% interval]", "verdict"], rows=body)
 
 
-def headline(rows: list[dict[str, Any]], num_pairs: int) -> str:
-    count = {v: sum(r["verdict"] == v for r in rows) for v in (BETTER, WORSE, SAME)}
-    return (f"Of {len(rows)} metrics, {count[BETTER]} better, {count[WORSE]} worse, {count[SAME]} no measurable "
-            f"change, from {num_pairs} held-out pair{'s' if num_pairs != 1 else ''}. An interval that contains 0 is "
-            "'no measurable change'; few pairs give wide intervals.")
+def interval_note(rows: list[dict[str, Any]]) -> str:
+    """What the intervals rest on, said once under the table instead of in every cell."""
+    rests = dict.fromkeys(f"{r['interval']['n']} {r.get('unit', 'pairs')}" for r in rows)
+    levels = dict.fromkeys(f"{r['interval']['confidence']:.0%}" for r in rows)
+    methods = sorted({r["interval"]["method"] for r in rows if r["interval"]["method"] != "none"})
+    return (f"Intervals: {', '.join(levels)}, over {' or '.join(rests)} ({'; '.join(methods) or 'none computed'}). "
+            "A verdict is 'better' or 'worse' only when its interval excludes 0; ↳ rows are the two parts of the "
+            "margin (s = win gap - lose gap).")
 
 
 def timestep_table(per_t: list[dict[str, Any]]) -> Block:
+    """Per timestep: the margin s and its two components (changes with intervals), then the errors."""
+    def cell(d: dict[str, Any]) -> str:
+        return change_cell({"change": d["estimate"], "interval": d}, 3)
+
     body = []
     for r in per_t:
-        cells = [f"{r['t']:g}"]
-        for member in ("real", "negative"):
-            m = r[member]
-            cells += [fmt(m["base"]), fmt(m["tuned"]), f"{fmt_signed(m['change']['estimate'])} "
-                      f"{format_interval(Interval(**m['change']), fmt)}"]
-        body.append(cells)
-    return Block("table", header=["t", "real: base", "real: tuned", "real: change [interval]", "negative: base",
-                                  "negative: tuned", "negative: change [interval]"], rows=body)
+        errors = "; ".join(f"{fmt(r[m]['base'], 3)} -> {fmt(r[m]['tuned'], 3)}" for m in ("real", "negative"))
+        body.append([f"{r['t']:g}", cell(r["s"]) if "s" in r else "—", cell(r["real"]["change"]),
+                     cell(r["negative"]["change"]), errors])
+    return Block("table", header=["t", "margin s", "win gap (real)", "lose gap (negative)",
+                                  "error base -> tuned (real; negative)"], rows=body)
 
 
 def render_markdown(blocks: list[Block]) -> str:

@@ -19,8 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 from regdpo.data.video import write_mp4
 
 COLUMNS = ("real", "base", "tuned")
-MIN_CELL = 128  # enlarge clips to at least this many pixels high
-BAND = 22  # label band height in the mp4 grid
+HEADINGS = {"real": "real clip", "base": "base model", "tuned": "tuned model"}
+MIN_CELL = 256  # enlarge clips to at least this many pixels high (64-px tiles are unreadable)
+GAP = 6  # pixels between tiles
+FONT_PX = 18  # label size in the mp4 grid
 
 
 @dataclass
@@ -58,31 +60,46 @@ def _check(samples: list[SampleSet]) -> tuple[int, int, int]:
     return f, h, w
 
 
+def _fit(text: str, font, width: float) -> str:
+    """`text`, cut with an ellipsis to fit `width` pixels in `font`."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
 def write_sample_grid(samples: list[SampleSet], path: str | Path, fps: float) -> Path:
-    """An mp4: one row per caption (real | base | tuned), a label band over each row."""
+    """An mp4: the column headings (real clip | base model | tuned model) once at the top, then one
+    row per caption under a band naming it (clip, seed, caption cut to the row's width); tiles
+    enlarged with nearest-neighbour to at least MIN_CELL pixels high."""
     num_frames, h, w = _check(samples)
     k = _scale((h, w))
-    ch, cw, gap = h * k, w * k, 4
-    width = 3 * cw + 2 * gap
-    height = len(samples) * (BAND + ch)
+    ch, cw = h * k, w * k
+    font = _font(FONT_PX)
+    band = FONT_PX + 12
+    width = 3 * cw + 2 * GAP
+    height = band + len(samples) * (band + ch)
     width, height = width + width % 2, height + height % 2  # yuv420p wants even sizes
-    font = _font(13)
     # Labels are drawn once; each frame pastes the enlarged cells under them.
     base = Image.new("RGB", (width, height), (20, 20, 20))
     draw = ImageDraw.Draw(base)
+    for c, name in enumerate(COLUMNS):
+        text = _fit(HEADINGS[name], font, cw - 8)
+        x = c * (cw + GAP) + (cw - font.getlength(text)) / 2
+        draw.text((x, 6), text, fill=(255, 255, 255), font=font)
     for r, s in enumerate(samples):
-        y = r * (BAND + ch)
-        for c, name in enumerate(COLUMNS):
-            label = f"{name} (seed {s.seed})" if name != "real" else f"real {s.clip_id[:8]}"
-            draw.text((c * (cw + gap) + 3, y + 4), label, fill=(235, 235, 235), font=font)
+        y = band + r * (band + ch)
+        label = _fit(f"{s.clip_id[:8]} · seed {s.seed} · {s.caption}", font, width - 8)
+        draw.text((4, y + 6), label, fill=(200, 200, 200), font=font)
     frames = []
     for f in range(num_frames):
         canvas = base.copy()
         for r, s in enumerate(samples):
-            y = r * (BAND + ch) + BAND
+            y = band + r * (band + ch) + band
             for c, name in enumerate(COLUMNS):
                 cell = Image.fromarray(s.videos[name][f]).resize((cw, ch), Image.NEAREST)
-                canvas.paste(cell, (c * (cw + gap), y))
+                canvas.paste(cell, (c * (cw + GAP), y))
         frames.append(np.asarray(canvas))
     return write_mp4(path, np.stack(frames), fps)
 
@@ -99,8 +116,12 @@ def write_contact_sheet(samples: list[SampleSet], out: str | Path, *, num_frames
     cols = min(num_frames_shown, num_frames)
     picks = [round(i * (num_frames - 1) / max(cols - 1, 1)) for i in range(cols)]
     rows = [(s, name) for s in samples for name in COLUMNS]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(2.0 * cols + 1.4, 1.75 * len(rows) * h / w + 0.9),
-                             squeeze=False)
+    tile = 1.9  # inches per tile's height: about 190 px at dpi 100, whatever the clip's size
+    title_in = 0.3 + 0.2 * (2 if note else 1)  # the title's lines and the first caption above the tiles
+    width_in, height_in = tile * cols * w / h * 1.05 + 0.5, tile * len(rows) * 1.22 + title_in + 0.3
+    fig, axes = plt.subplots(len(rows), cols, figsize=(width_in, height_in), squeeze=False)
+    fig.subplots_adjust(left=0.4 / width_in, right=0.99, bottom=0.3 / height_in, top=1 - title_in / height_in,
+                        wspace=0.05, hspace=0.22)
     for r, (s, name) in enumerate(rows):
         for c, k in enumerate(picks):
             ax = axes[r][c]
@@ -108,16 +129,17 @@ def write_contact_sheet(samples: list[SampleSet], out: str | Path, *, num_frames
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
-                label = {"real": "real clip", "base": f"base\nseed {s.seed}",
-                         "tuned": f"tuned\nseed {s.seed}\n|tuned-base|\n= {s.tuned_vs_base():.2f}/255"}[name]
-                ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center")
+                # short upright labels: tight_layout keeps them inside the figure
+                label = {"real": "real", "base": "base", "tuned": f"tuned\n|Δ| {s.tuned_vs_base():.2f}"}[name]
+                ax.set_ylabel(label, fontsize=9)
             if name == "real" and c == 0:
-                ax.set_title(textwrap.shorten(f"{s.clip_id[:8]}: {s.caption}", 90), fontsize=8, loc="left")
+                ax.set_title(textwrap.shorten(f"{s.clip_id[:8]} · seed {s.seed} · {s.caption}", 16 * cols + 10),
+                             fontsize=9, loc="left")
             if r == len(rows) - 1:
                 ax.set_xlabel(f"frame {k}", fontsize=8)
-    title = "held-out captions: real clip, base and tuned samples (same seed)"
-    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10)
-    fig.tight_layout()
+    title = ("held-out captions: real clip, base and tuned samples (same seed); "
+             "|Δ| = mean |tuned - base| in 0..255")
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=10, y=1 - 0.08 / height_in, va="top")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return Path(out)

@@ -25,6 +25,11 @@ from typing import Literal
 import numpy as np
 
 BETTER, WORSE, SAME = "better", "worse", "no measurable change"
+# What a verdict row is to the report's headline (headline.py): the preference margin and its
+# accuracy decide; the two denoising errors are the margin's components (s = win gap - lose gap),
+# read for what they say about the real clips, never counted as votes of their own; any other row
+# (sample metrics, scorers) measures the samples.
+MARGIN, COMPONENT, SAMPLES = "margin", "component", "samples"
 
 
 @dataclass(frozen=True)

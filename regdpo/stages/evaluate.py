@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +38,18 @@ from regdpo.data.video import read_frames, write_mp4
 from regdpo.eval.contents import report_blocks
 from regdpo.eval.distribution import sample_metrics
 from regdpo.eval.features import load_feature_extractor
-from regdpo.eval.metrics import pair_errors, summarize
+from regdpo.eval.headline import decide
+from regdpo.eval.metrics import latent_separation, pair_errors, summarize
 from regdpo.eval.plots import load_metrics, plot_denoise_error, plot_training_curves
-from regdpo.eval.report import Block, toy_warning, write_report
+from regdpo.eval.report import doc_link, toy_warning, write_report
 from regdpo.eval.samples import SampleSet, write_contact_sheet, write_sample_grid
 from regdpo.models.base import LORA_WEIGHT_NAME
+from regdpo.progress import ProgressLog
 from regdpo.stages.common import load_spec
 from regdpo.stages.runner import StageContext
 
 MODELS = ("base", "tuned")
+log = logging.getLogger(__name__)
 
 
 class BaseAndTuned:
@@ -163,6 +167,7 @@ def _generate_samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: l
     real = [read_frames(workdir / "ingest" / "clips" / f"{cid}.mp4") for cid in ids]
     videos: dict[str, list[np.ndarray]] = {}
     batch = cfg.generate.batch_size
+    progress = ProgressLog(log, "evaluate: samples", 2 * len(chosen), unit="videos")
     with tqdm(total=2 * len(chosen), desc="evaluate samples", unit="video") as bar:
         for name in MODELS:
             videos[name] = []
@@ -173,6 +178,7 @@ def _generate_samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: l
                     width=v.width, num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
                     negative_prompt=s.negative_prompt, first_frames=first, flow_shift=s.flow_shift))
                 bar.update(len(captions[i:i + batch]))
+                progress.update(len(captions[i:i + batch]))
     sets = []
     for i, cid in enumerate(ids):
         for name in MODELS:
@@ -195,12 +201,14 @@ def build(ctx: StageContext) -> dict[str, Any]:
     spec = load_spec(cfg)
     models = BaseAndTuned(spec, cfg, workdir)
     boot = ev.bootstrap
-    rows = pair_errors(models.use, pairs, ev.timesteps, ev.seed)
+    progress = ProgressLog(log, "evaluate: denoising errors", len(pairs), unit="pairs")
+    rows = pair_errors(models.use, pairs, ev.timesteps, ev.seed, progress=progress.update)
     check_errors(rows, pairs)
     (out / "pair_errors.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(rows, num_resamples=boot.num_resamples, confidence=boot.confidence, seed=boot.seed)
     summary["models"] = models.describe()
     summary["identical_predictions"] = _identical_predictions(rows)
+    summary["latent_separation"] = latent_separation(pairs)
 
     toy_note = toy_warning(cfg.model.preset, models.num_parameters)
     sets = _generate_samples(models, cfg, workdir, pairs, out)
@@ -216,20 +224,19 @@ def build(ctx: StageContext) -> dict[str, Any]:
         note = "toy-sized model: its samples are not expected to look like video" if toy_note else ""
         plots["samples"] = write_contact_sheet(sets, out / "samples.png", note=note).name
         files["grid"] = write_sample_grid(sets, out / "samples.mp4", cfg.video.fps).name
+    train_rows, unread = load_metrics(workdir / "train" / "metrics.jsonl")
+    summary["headline"] = decide(summary["verdicts"], train_rows).as_dict()
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
 
-    train_rows, unread = load_metrics(workdir / "train" / "metrics.jsonl")
     plot_training_curves(train_rows, out / plots["training"], title=f"training ({cfg.train.objective})")
     plot_denoise_error(summary, out / plots["denoise"])
     blocks = report_blocks(
         summary=summary, config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
         toy_note=toy_note, beta=cfg.train.beta, train_rows=train_rows, unread_lines=unread, plots=plots,
         samples=[{"clip_id": s.clip_id, "caption": s.caption, "seed": s.seed, "tuned_vs_base": s.tuned_vs_base()}
-                 for s in sets], sample_files=files)
-    if summary["identical_predictions"]:
-        blocks.insert(1, Block("warn", "Base and tuned gave identical predictions on every held-out pair: train/final "
-                                       "changed nothing, or the comparison is not between two different models."))
+                 for s in sets], sample_files=files, experiment_doc=doc_link("EXPERIMENT.md", workdir / "eval"))
     write_report(out, blocks)
-    return {"num_pairs": summary["num_pairs"], "implicit_acc": summary["implicit_acc"],
+    return {"headline": summary["headline"]["label"], "num_pairs": summary["num_pairs"],
+            "implicit_acc": summary["implicit_acc"],
             "win_gap": summary["win_gap"], "lose_gap": summary["lose_gap"],
             "verdicts": {v["metric"]: v["verdict"] for v in summary["verdicts"]}}

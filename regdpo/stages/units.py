@@ -35,6 +35,7 @@ from typing import Any
 import pandas as pd
 
 from regdpo.config import Config
+from regdpo.progress import ProgressLog
 from regdpo.stages.journal import TMP_MARK, Transaction, atomic_write_json, tmp_name
 from regdpo.stages.registry import get_stage
 
@@ -159,11 +160,15 @@ class UnitWorker(ABC):
         """Do one unit, writing its files into `out`; return its result (JSON-able: table rows,
         `files`: {public path relative to the stage folder: file name in `out`}). Raise to fail it."""
 
-    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
-        """Every unit of a work item; the default does them one at a time."""
+    def process_batch(self, units: list[Unit], staging: Staging, progress: ProgressLog | None = None
+                      ) -> dict[str, int]:
+        """Every unit of a work item; the default does them one at a time. `progress` counts
+        each unit done or failed."""
         counts = {"done": 0, "failed": 0}
         for unit in units:
             counts["done" if run_one(self, unit, staging) else "failed"] += 1
+            if progress is not None:
+                progress.update(1)
         return counts
 
     def close(self) -> None:
@@ -191,10 +196,13 @@ class BatchedUnitWorker(UnitWorker):
             raise ValueError(result["error"])
         return result
 
-    def process_batch(self, units: list[Unit], staging: Staging) -> dict[str, int]:
+    def process_batch(self, units: list[Unit], staging: Staging, progress: ProgressLog | None = None
+                      ) -> dict[str, int]:
         counts = {"done": 0, "failed": 0}
         todo = [u for u in units if not staging.is_done(u.key)]
         counts["done"] += len(units) - len(todo)
+        if progress is not None and counts["done"]:
+            progress.update(counts["done"])
         size = max(1, self.batch_size)
         for i in range(0, len(todo), size):
             batch = todo[i:i + size]
@@ -207,6 +215,8 @@ class BatchedUnitWorker(UnitWorker):
                 for u in batch:
                     shutil.rmtree(outs[u.key], ignore_errors=True)
                     counts["done" if run_one(self, u, staging) else "failed"] += 1
+                if progress is not None:
+                    progress.update(len(batch))
                 continue
             for u in batch:
                 result = results[u.key]
@@ -217,6 +227,8 @@ class BatchedUnitWorker(UnitWorker):
                 else:
                     staging.finish(outs[u.key], u, result)
                     counts["done"] += 1
+            if progress is not None:
+                progress.update(len(batch))
         return counts
 
 
@@ -330,7 +342,8 @@ def make_plan(impl: UnitStage, cfg: Config, workdir: Path, *, force: bool = Fals
 def process_item(worker: UnitWorker, item: WorkItem, workdir: Path) -> dict[str, int]:
     staging = Staging(workdir, item.stage)
     start = time.perf_counter()
-    counts = worker.process_batch(item.units, staging)
+    progress = ProgressLog(log, f"{item.stage}: work item {item.index}", len(item.units))
+    counts = worker.process_batch(item.units, staging, progress)
     seconds = time.perf_counter() - start
     log.info("%s: work item %d done: %d units (%d failed) in %.1f s", item.stage, item.index,
              len(item.units), counts.get("failed", 0), seconds)

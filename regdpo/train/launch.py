@@ -141,7 +141,7 @@ def _relay_progress(metrics: Path, seen: int, every: int) -> int:
     """Log rank 0's new metrics rows (every `every` steps) in this process, where an
     orchestrator's log handler sees them. `seen` counts rows; a last line still being written
     (or torn) is not a row yet."""
-    from regdpo.train.observe import read_jsonl
+    from regdpo.train.observe import progress_line, read_jsonl
 
     try:
         rows = read_jsonl(metrics, warn=False)
@@ -152,8 +152,7 @@ def _relay_progress(metrics: Path, seen: int, every: int) -> int:
     for row in rows[seen:]:
         step = row.get("step")
         if isinstance(step, int) and ((step + 1) % every == 0 or row.get("skipped")):
-            log.info("step %d loss %s dgr %s win_gap %s lose_gap %s", step + 1, row.get("loss"),
-                     row.get("dgr"), row.get("win_gap"), row.get("lose_gap"))
+            log.info("%s", progress_line(row))
     return len(rows)
 
 

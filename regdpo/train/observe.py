@@ -102,6 +102,23 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
+PROGRESS_KEYS = ("loss", "s", "dgr", "win_gap", "lose_gap", "implicit_acc", "lr", "pairs_per_s")
+
+
+def progress_line(row: dict[str, Any], end_step: int | None = None) -> str:
+    """'step 10/200  loss 789.2  s -3.1e-05  dgr 494.8 ...' for a metrics row: 4 significant
+    digits, missing values left out, and "SKIPPED (non-finite)" only on a skipped step."""
+    done = int(row.get("step", -1)) + 1
+    parts = [f"step {done}" + (f"/{end_step}" if end_step else "")]
+    for key in PROGRESS_KEYS:
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{key} {value:.4g}")
+    if row.get("skipped"):
+        parts.append("SKIPPED (non-finite loss or gradient)")
+    return "  ".join(parts)
+
+
 class TrainLog:
     def __init__(self, out_dir: Path, *, start_step: int, end_step: int, log_every: int, enabled: bool):
         self.enabled, self.log_every, self.end_step = enabled, log_every, end_step
@@ -130,10 +147,7 @@ class TrainLog:
         self._bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "dgr", "win_gap") if row.get(k) is not None})
         done = step + 1
         if done % self.log_every == 0 or done == self.end_step or row.get("skipped"):
-            log.info("step %d/%d %s", done, self.end_step, "  ".join(
-                f"{k} {row[k]:.4g}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
-                for k in ("loss", "dgr", "win_gap", "lose_gap", "implicit_acc", "lr", "pairs_per_s", "skipped")
-                if k in row))
+            log.info("%s", progress_line(row, self.end_step))
 
     def close(self) -> None:
         for handle in (self._file, self._bar):
