@@ -173,13 +173,20 @@ def compare(
                                                    show_default=False)],
     out: Annotated[Path, typer.Option("--out", help="folder for compare.md, compare.csv and compare.png")] = Path("."),
 ) -> None:
-    """Put several runs' evaluations and training curves in one table and one figure."""
-    from regdpo.eval.compare import compare_runs
+    """Put several runs' verdicts in one table (every number in the CSV) and their curves in one figure.
+
+    An evaluation older than its run's training is flagged as stale here and in every output."""
+    from regdpo.eval.compare import STALE, compare_runs, evaluation_state
 
     try:
         written = compare_runs(workdirs, out)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err))
+    for workdir in workdirs:
+        state, why = evaluation_state(workdir)
+        if state == STALE:
+            typer.echo(f"warning: {workdir}: stale evaluation: {why}; its held-out columns describe an earlier model",
+                       err=True)
     for path in written.values():
         typer.echo(str(path))
 

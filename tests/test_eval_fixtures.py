@@ -61,15 +61,24 @@ def _proxy_cfg():
 
 
 def fake_workdir(root: Path, objective: str, **train) -> Path:
-    """A workdir with train/metrics.jsonl, train/config.yaml and eval/metrics.json."""
+    """A workdir with train/metrics.jsonl, train/config.yaml, eval/metrics.json and the stage
+    records that say the evaluation is of the train/ and shards/ there."""
     import yaml
 
     (root / "train").mkdir(parents=True)
     (root / "eval").mkdir()
+    (root / "shards").mkdir()
     rows = train_rows(r_scale=train.get("r_scale", 1.0) if objective == "reg-dpo" else 0.0)
     (root / "train" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "train" / "config.yaml").write_text(yaml.safe_dump({"train": {"objective": objective, "r_mode": "dgr",
-                                                                          "r_scale": 1.0, **train}}))
+    (root / "train" / "config.yaml").write_text(yaml.safe_dump({"train": {
+        "objective": objective, "beta": 1000.0, "r_mode": "dgr", "r_scale": 1.0, "learning_rate": 0.001,
+        "max_steps": len(rows), **train}}))
     summary, _ = summary_with_samples(6)
     (root / "eval" / "metrics.json").write_text(json.dumps(summary))
+    records = {"shards": {"fingerprint": "e1", "finished_at": "2026-01-01T00:00:00+0000"},
+               "train": {"fingerprint": "t1", "finished_at": "2026-01-01T01:00:00+0000"},
+               "eval": {"fingerprint": "v1", "upstream": {"encode": "e1", "train": "t1"},
+                        "finished_at": "2026-01-01T02:00:00+0000"}}
+    for folder, record in records.items():
+        (root / folder / "stage.json").write_text(json.dumps(record))
     return root

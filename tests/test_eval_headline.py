@@ -87,7 +87,7 @@ def test_another_metric_with_an_interval_slots_into_the_sentence_and_the_table()
                         unit="clips", short="the aesthetic score")
     del score["role"]  # a row from code that knows nothing of roles still reads as a sample metric
     head = decide(rows + [score])
-    assert head.sentence.endswith("of the sample metrics, the aesthetic score better.")
+    assert head.sentence.endswith("of the sample metrics, the aesthetic score got better.")
 
 
 def test_the_report_opens_with_the_one_sentence_verdict_and_components_are_not_votes():

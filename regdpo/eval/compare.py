@@ -1,10 +1,11 @@
-"""Several runs side by side: one table (markdown + CSV) and one figure.
+"""Several runs side by side: a narrow table of verdicts (markdown), every number (CSV), one figure.
 
     regdpo compare runs/dpo runs/reg-dpo runs/sft --out compare/
 
 reads each workdir's train/metrics.jsonl, train/config.yaml and eval/metrics.json (a run not
-evaluated yet shows its training columns only) and writes compare.md, compare.csv and
-compare.png into the output folder.
+evaluated yet shows its training only) and writes compare.md, compare.csv and compare.png into
+the output folder. An evaluation made before train/ (or the shards) last changed describes an
+earlier model: it is flagged as stale in every output, and `regdpo compare` says so.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
+from regdpo.eval.headline import Headline, decide  # noqa: E402
 from regdpo.eval.plots import ema, equal_series, load_metrics, series, smooth  # noqa: E402
-from regdpo.eval.report import fmt, fmt_signed  # noqa: E402
-from regdpo.eval.stats import Interval, format_interval  # noqa: E402
+from regdpo.eval.report import change_cell  # noqa: E402
+from regdpo.eval.stats import Interval  # noqa: E402
 
 TRAIN_KEYS = ("dgr", "r", "s", "win_gap", "lose_gap", "implicit_acc", "sft_loss", "dpo_loss")
 CURVES = (("DGR", "dgr"), ("margin s", "s"), ("win gap (want < 0)", "win_gap"), ("lose gap (want > 0)", "lose_gap"),
           ("implicit accuracy", "implicit_acc"))
 STYLES = [("-", "o"), ("--", "s"), ("-.", "^"), (":", "D"), ("-", "v"), ("--", "P"), ("-.", "X"), (":", "*")]
+
+
+CURRENT, STALE, NOT_EVALUATED = "current", "stale", "not evaluated"
 
 
 @dataclass
@@ -40,18 +45,41 @@ class Run:
     train_cfg: dict[str, Any]
     rows: list[dict[str, Any]]
     eval: dict[str, Any] | None
+    eval_state: tuple[str, str] = (NOT_EVALUATED, "")  # (CURRENT | STALE | NOT_EVALUATED, why)
+
+    @property
+    def stale(self) -> bool:
+        return self.eval_state[0] == STALE
+
+    @property
+    def settings(self) -> str:
+        """Objective, β, r, learning rate and steps: 'reg-dpo, β 1000, r = DGR, lr 0.001, 200 steps'."""
+        t = self.train_cfg
+        parts = [t.get("objective", "?")]
+        if parts[0] != "sft":  # neither β nor r plays a part in SFT
+            parts.append(f"β {t['beta']:g}" if "beta" in t else "β ?")
+        if self._r():
+            parts.append(self._r())
+        if "learning_rate" in t:
+            parts.append(f"lr {t['learning_rate']:g}")
+        if "max_steps" in t:
+            parts.append(f"{t['max_steps']} steps")
+        return ", ".join(parts)
 
     @property
     def setting(self) -> str:
         """The objective and its r in words: 'reg-dpo, r = 0.5·DGR', 'dpo', 'reg-dpo, r = 50'."""
+        obj = self.train_cfg.get("objective", "?")
+        return f"{obj}, {self._r()}" if self._r() else obj
+
+    def _r(self) -> str | None:
         t = self.train_cfg
-        obj = t.get("objective", "?")
-        if obj != "reg-dpo":
-            return obj
+        if t.get("objective") != "reg-dpo":
+            return None
         if t.get("r_mode") == "constant":
-            return f"reg-dpo, r = {t.get('r_constant'):g}"
+            return f"r = {t.get('r_constant'):g}"
         k = t.get("r_scale", 1.0)
-        return "reg-dpo, r = DGR" if k == 1 else f"reg-dpo, r = {k:g}·DGR"
+        return "r = DGR" if k == 1 else f"r = {k:g}·DGR"
 
 
 def load_run(workdir: str | Path, name: str | None = None) -> Run:
@@ -63,7 +91,33 @@ def load_run(workdir: str | Path, name: str | None = None) -> Run:
     cfg_path = workdir / "train" / "config.yaml"
     train_cfg = (yaml.safe_load(cfg_path.read_text()) or {}).get("train", {}) if cfg_path.is_file() else {}
     ev = workdir / "eval" / "metrics.json"
-    return Run(name or workdir.name, workdir, train_cfg, rows, json.loads(ev.read_text()) if ev.is_file() else None)
+    return Run(name or workdir.name, workdir, train_cfg, rows, json.loads(ev.read_text()) if ev.is_file() else None,
+               evaluation_state(workdir))
+
+
+def evaluation_state(workdir: Path) -> tuple[str, str]:
+    """Whether eval/ describes the model in train/ now: (CURRENT | STALE | NOT_EVALUATED, why).
+
+    Evaluation records the fingerprints of the train and encode outputs it read (eval/stage.json
+    "upstream"); training or encoding again since then changes them. A train/ rebuilt later with
+    the same settings is caught by its finish time."""
+    from regdpo.stages.runner import read_stage_record
+
+    if not (workdir / "eval" / "metrics.json").is_file():
+        return NOT_EVALUATED, "no eval/metrics.json: run evaluate"
+    ev = read_stage_record(workdir, "evaluate")
+    if ev is None:
+        return STALE, "eval/ has no stage.json, so what it evaluated is unknown: rerun evaluate"
+    for stage, folder in (("train", "train/"), ("encode", "shards/")):
+        rec = read_stage_record(workdir, stage)
+        if rec is None:
+            return STALE, f"{folder} is gone since the evaluation: rerun train and evaluate"
+        if ev.get("upstream", {}).get(stage) != rec["fingerprint"]:
+            return STALE, f"{folder} changed since the evaluation (its settings or inputs): rerun evaluate"
+    train = read_stage_record(workdir, "train")
+    if train.get("finished_at", "") > ev.get("finished_at", ""):
+        return STALE, f"train/ was rebuilt ({train['finished_at']}) after the evaluation ({ev['finished_at']}): rerun evaluate"
+    return CURRENT, ""
 
 
 def _names(workdirs: list[Path]) -> list[str]:
@@ -82,28 +136,38 @@ def _verdicts(run: Run) -> dict[str, dict[str, Any]]:
     return {v["metric"]: v for v in (run.eval or {}).get("verdicts", [])}
 
 
+def headline_of(run: Run) -> Headline | None:
+    """The run's one-sentence verdict, from its evaluation and its training log (None if not evaluated)."""
+    if not run.eval:
+        return None
+    return decide(run.eval["verdicts"], run.rows)
+
+
 def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]], list[dict[str, Any]]]:
-    """(markdown header, markdown rows, flat CSV records)."""
-    metrics = list(dict.fromkeys(m for r in runs for m in _verdicts(r)))
-    header = ["run", "setting", "steps", *(f"train {k} (end)" for k in ("dgr", "s", "win_gap", "lose_gap",
-                                                                        "implicit_acc")),
-              *(f"held-out {m}: change [interval] verdict" for m in metrics)]
+    """(markdown header, markdown rows, CSV records): the markdown holds the verdict, the margin
+    and the real-clip error per run; the CSV every number."""
+    header = ["run", "setting", "evaluation", "verdict", "margin s, held out", "real-clip error, held out"]
     md, records = [], []
     for run in runs:
         v = _verdicts(run)
-        rec: dict[str, Any] = {"run": run.name, "setting": run.setting, "workdir": str(run.workdir),
-                               "steps": len(run.rows)}
+        head = headline_of(run)
+        state, why = run.eval_state
+        rec: dict[str, Any] = {"run": run.name, "setting": run.settings, "workdir": str(run.workdir),
+                               "objective": run.train_cfg.get("objective"), "beta": run.train_cfg.get("beta"),
+                               "r_mode": run.train_cfg.get("r_mode"), "r_scale": run.train_cfg.get("r_scale"),
+                               "r_constant": run.train_cfg.get("r_constant"),
+                               "learning_rate": run.train_cfg.get("learning_rate"),
+                               "max_steps": run.train_cfg.get("max_steps"), "steps": len(run.rows),
+                               "evaluation": state, "evaluation_note": why,
+                               "verdict": head.label if head else "", "headline": head.sentence if head else ""}
         rec.update({f"train_{k}_end": _final(run, k) for k in TRAIN_KEYS})
-        cells = [run.name, run.setting, str(len(run.rows)),
-                 *(fmt(rec[f"train_{k}_end"]) for k in ("dgr", "s", "win_gap", "lose_gap", "implicit_acc"))]
-        for m in metrics:
-            if m not in v:
-                cells.append("—")
-                continue
-            iv = Interval(**v[m]["interval"])
-            cells.append(f"{fmt_signed(v[m]['change'])} {format_interval(iv, fmt)} **{v[m]['verdict']}**")
-            rec.update({f"{m}_base": v[m]["base"], f"{m}_tuned": v[m]["tuned"], f"{m}_change": v[m]["change"],
-                        f"{m}_low": iv.low, f"{m}_high": iv.high, f"{m}_n": iv.n, f"{m}_verdict": v[m]["verdict"]})
+        verdict = (head.label + (" (stale)" if run.stale else "")) if head else "—"
+        cells = [run.name, run.settings, state, f"**{verdict}**" if head else verdict,
+                 *(change_cell(v[m], 3) if m in v else "—" for m in ("s", "denoise_error_real"))]
+        for m, row in v.items():
+            iv = Interval(**row["interval"])
+            rec.update({f"{m}_base": row["base"], f"{m}_tuned": row["tuned"], f"{m}_change": row["change"],
+                        f"{m}_low": iv.low, f"{m}_high": iv.high, f"{m}_n": iv.n, f"{m}_verdict": row["verdict"]})
         md.append(cells)
         records.append(rec)
     return header, md, records
@@ -151,7 +215,7 @@ def _bar_real_error(ax, runs: list[Run]) -> None:
         if v is None:
             continue
         iv = v["interval"]
-        names.append(run.name)
+        names.append(run.name + (" (stale eval)" if run.stale else ""))
         colors.append(f"C{i % 10}")  # the run's colour in the curve panels
         est.append(v["change"])
         ok = math.isfinite(iv["low"]) and math.isfinite(iv["high"])
@@ -182,11 +246,16 @@ def compare_runs(workdirs: list[str | Path], out: str | Path = ".", names: list[
     out.mkdir(parents=True, exist_ok=True)
     header, md_rows, records = table_rows(runs)
     lines = ["# regdpo runs compared", "",
-             "Training columns: moving average at the last step. Held-out columns: change tuned - base with its "
-             "interval (over held-out pairs) and the verdict; see each run's eval/report.md for the details.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in md_rows), "",
-             "![runs compared](compare.png)", ""]
+             "Held-out columns: the change tuned - base with its 95% interval. Every number (training curves' "
+             "ends, every metric's interval and verdict) is in compare.csv; each run's eval/report.md has the rest.",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+             *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in md_rows), ""]
+    lines += [f"- **{rec['run']}**: {rec['headline'] or 'not evaluated.'}" for rec in records]
+    stale = [run for run in runs if run.stale]
+    if stale:
+        lines += ["", *(f"> **{run.name}: stale evaluation.** {run.eval_state[1]}; its held-out columns describe an "
+                        "earlier model." for run in stale)]
+    lines += ["", "![runs compared](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(lines))
     fields = list(dict.fromkeys(k for rec in records for k in rec))
     with (out / "compare.csv").open("w", newline="") as f:

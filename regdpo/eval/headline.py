@@ -8,7 +8,7 @@ both, which is one effect, not a "better" and a "worse"). A run whose real-clip 
 s fell (METHOD.md's "cheating" path), on the held-out pairs or at the end of training, is never
 called better, whatever else moved.
 
-Verdict rows are read by role (regdpo/eval/metrics.py: margin, component, samples); a row of any
+Verdict rows are read by role (stats.role_of: margin, component, samples); a row of any
 other metric (a sample metric, a scorer) with an interval joins the sentence's last clause.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from regdpo.eval.plots import ema, series
 from regdpo.eval.report import change_cell, fmt_signed
-from regdpo.eval.stats import BETTER, COMPONENT, MARGIN, SAME, WORSE
+from regdpo.eval.stats import BETTER, COMPONENT, MARGIN, SAME, WORSE, role_of
 
 # Labels: short, for tables (compare) and the start of the sentence.
 LABEL_BETTER = "better"
@@ -91,13 +91,13 @@ def _fit(real: dict[str, Any]) -> str:
 
 def _samples(rows: Sequence[dict[str, Any]]) -> str:
     """The last clause: which sample metrics moved, if any were measured."""
-    others = [r for r in rows if r.get("role", "samples") not in (MARGIN, COMPONENT)]
+    others = [r for r in rows if role_of(r) not in (MARGIN, COMPONENT)]
     if not others:
         return ""
     moved = {v: [r.get("short") or r["label"] for r in others if r["verdict"] == v] for v in (BETTER, WORSE)}
     if not moved[BETTER] and not moved[WORSE]:
         return "; the sample metrics did not measurably change"
-    parts = [f"{', '.join(names)} {v}" for v, names in moved.items() if names]
+    parts = [f"{', '.join(names)} got {v}" for v, names in moved.items() if names]
     return "; of the sample metrics, " + " and ".join(parts)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regdpo.eval.stats import BETTER, COMPONENT, MARGIN, SAME, WORSE, Interval
+from regdpo.eval.stats import BETTER, COMPONENT, MARGIN, SAME, WORSE, Interval, role_of
 
 MAX_EMBEDDED_VIDEO = 8 * 2**20  # bytes; larger grids are linked, not embedded
 
@@ -87,7 +87,7 @@ _DIRECTION = {"denoise_error_real": {BETTER: "fell: real clips fit better", WORS
 def reading(row: dict[str, Any]) -> str:
     """The verdict column: a plain verdict for what decides; for a component of the margin, only
     the direction it moved (it is part of s, not a vote of its own)."""
-    if row.get("role") == COMPONENT:
+    if role_of(row) == COMPONENT:
         return _DIRECTION.get(row["metric"], {}).get(row["verdict"], row["verdict"])
     return f"**{row['verdict']}**"
 
@@ -97,9 +97,9 @@ def verdict_table(rows: list[dict[str, Any]]) -> Block:
     sample metrics (any other row, e.g. a scorer, joins those)."""
     rank = {MARGIN: 0, COMPONENT: 1}
     body = []
-    for r in sorted(rows, key=lambda r: rank.get(r.get("role"), 2)):
+    for r in sorted(rows, key=lambda r: rank.get(role_of(r), 2)):
         name = f"{r['label']} (want {r['want']})"
-        if r.get("role") == COMPONENT:
+        if role_of(r) == COMPONENT:
             name = "↳ " + name
         body.append([name, fmt(r["base"], 3), fmt(r["tuned"], 3), change_cell(r, 3), reading(r)])
     return Block("table", header=["metric", "base", "tuned", "change [95% interval]", "verdict"], rows=body)

@@ -30,6 +30,12 @@ BETTER, WORSE, SAME = "better", "worse", "no measurable change"
 # read for what they say about the real clips, never counted as votes of their own; any other row
 # (sample metrics, scorers) measures the samples.
 MARGIN, COMPONENT, SAMPLES = "margin", "component", "samples"
+_ROLES = {"s": MARGIN, "implicit_acc": MARGIN, "denoise_error_real": COMPONENT, "denoise_error_negative": COMPONENT}
+
+
+def role_of(row: dict) -> str:
+    """A verdict row's role; rows written before roles existed get theirs from the metric name."""
+    return row.get("role") or _ROLES.get(row["metric"], SAMPLES)
 
 
 @dataclass(frozen=True)
