@@ -43,6 +43,7 @@ from pipelines import artifacts, forksafe  # noqa: E402
 from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
 from regdpo import stages as stage_lib  # noqa: E402
 from regdpo.config import Config, load_config  # noqa: E402
+from regdpo.stages.describe import reject_lines, summary_line  # noqa: E402
 from regdpo.stages.registry import STAGE, STAGE_LIST, Stage  # noqa: E402
 from regdpo.stages.runner import StageInputError  # noqa: E402
 from regdpo.stages.units import UnitStage  # noqa: E402
@@ -242,7 +243,13 @@ def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, An
     if out["skipped"]:
         logger.info("%s: current (fingerprint %s), skipped: %s", name, out["fingerprint"], out["path"])
     else:
-        logger.info("%s: done in %.1fs -> %s %s", name, out["seconds"], out["path"], out["summary"])
+        logger.info("%s: done in %.1f s -> %s: %s", name, out["seconds"], out["path"], summary_line(out["summary"]))
+        if name == "ingest":
+            lines, total = reject_lines(cfg.workdir)
+            if total:
+                logger.warning("ingest: %d input(s) rejected (table in the artifacts, all in %s/rejects.parquet):\n%s%s",
+                               total, out["path"], "\n".join(lines),
+                               f"\n... and {total - len(lines)} more" if total > len(lines) else "")
     artifacts.publish(out, cfg.workdir, logger)
     return out
 

@@ -13,7 +13,6 @@ included), or the server at PREFECT_API_URL when that is set. `status` and `stag
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -23,6 +22,7 @@ import yaml
 
 from regdpo.config import Config, ConfigError, load_config
 from regdpo.stages import STAGE, STAGES, StageInputError, check_inputs, order, stage_state
+from regdpo.stages.describe import changes, reject_lines, resume_point, summary_line
 from regdpo.stages.runner import read_stage_record, stage_dir
 
 app = typer.Typer(
@@ -64,11 +64,8 @@ def _load(config: Path, overrides: dict[str, Any]) -> Config:
 
 
 def _report_path(cfg: Config) -> Path:
-    return stage_dir(cfg.workdir, "evaluate") / "report.md"
-
-
-def _summary_text(summary: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in summary.items())
+    """The report a person opens: one self-contained HTML file (report.md beside it)."""
+    return stage_dir(cfg.workdir, "evaluate") / "report.html"
 
 
 @app.command()
@@ -124,11 +121,26 @@ def run(
 
     for r in results:
         state = "skipped" if r["skipped"] else "ran"
-        typer.echo(f"{r['stage']:<9} {state:<7} {r['seconds']:8.1f}s  {_summary_text(r['summary'])}".rstrip())
+        typer.echo(f"{r['stage']:<9} {state:<7} {r['seconds']:8.1f}s  {summary_line(r['summary'])}".rstrip())
+        if r["stage"] == "ingest" and not r["skipped"]:
+            _echo_rejects(cfg)
     report = _report_path(cfg)
     evaluate_ran = any(r["stage"] == "evaluate" and not r["skipped"] for r in results)
     if report.is_file() and (evaluate_ran or _states(cfg)["evaluate"][0] == "current"):
         typer.echo(f"report: {report}")
+
+
+def _echo_rejects(cfg: Config) -> None:
+    """ingest's rejected inputs: the first few with their reasons, and where all of them are."""
+    lines, total = reject_lines(cfg.workdir)
+    if not total:
+        return
+    where = stage_dir(cfg.workdir, "ingest") / "rejects.parquet"
+    typer.echo(f"  {total} input{'s' if total != 1 else ''} rejected (all in {where}):")
+    for line in lines:
+        typer.echo(f"    {line}")
+    if total > len(lines):
+        typer.echo(f"    ... and {total - len(lines)} more")
 
 
 def _states(cfg: Config) -> dict[str, tuple[str, str]]:
@@ -145,7 +157,16 @@ def _states(cfg: Config) -> dict[str, tuple[str, str]]:
             state, why = "stale", f"reruns after {', '.join(redo)}"
         elif state == "current":
             rec = read_stage_record(cfg.workdir, name) or {}
-            why = f"{rec.get('finished_at', '')}  {_summary_text(rec.get('summary', {}))}".strip()
+            why = f"{rec.get('finished_at', '')}  {summary_line(rec.get('summary', {}))}".strip()
+        elif state == "stale" and read_stage_record(cfg.workdir, name) is not None:
+            what = changes(cfg, name)
+            if what:  # name what changed, then the stage's own count of work (units to do, ...)
+                why = "; ".join(what) + (f" ({why})" if why and "changed since it ran" not in why else "")
+        resume = resume_point(cfg, name)
+        if resume and why.startswith("interrupted run present"):
+            why = resume
+        elif resume:
+            why = f"{why}; {resume}" if why else resume
         states[name] = (state, why)
     return states
 

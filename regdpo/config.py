@@ -316,18 +316,48 @@ class Config(_Strict):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The keys valid where `loc` points (a section's fields), for a "did you mean" hint."""
+    model: Any = Config
+    for part in loc[:-1]:
+        info = getattr(model, "model_fields", {}).get(str(part))
+        if info is None:
+            return []
+        model = info.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _suggestion(loc: tuple) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.75)
+    if not close:
+        return "remove it or check its spelling (see configs/demo.yaml)"
+    return f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?"
+
+
+# pydantic prefixes the message of a ValueError raised in a validator with its kind
+_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        for prefix in _PREFIXES:
+            msg = msg.removeprefix(prefix)
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {field}: unknown key; remove it or check its spelling (see configs/demo.yaml)")
+            lines.append(f"  {field}: unknown key; {_suggestion(e['loc'])}")
         elif e["type"] == "missing":
             lines.append(f"  {field}: required; add it")
+        elif e["type"] == "value_error":
+            # a cross-field rule: its message names its fields and the fix itself
+            lines.append(f"  {msg}" if msg.startswith(f"{field}.") or field == "(root)" else f"  {field}: {msg}")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {field}: {e['msg']}{got_s}")
+            lines.append(f"  {field}: {msg}{got_s}")
     return "\n".join(lines)
 
 
@@ -347,6 +377,22 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return raw
 
 
+def path_problems(manifest: Any, model_path: Any) -> list[str]:
+    """What is wrong with the two input paths a config names (each a message naming the field and
+    the fix); checked with the config's own errors, so a run hears of every problem at once."""
+    problems = []
+    if isinstance(manifest, str) and not Path(manifest).exists():
+        problems.append(f"ingest.manifest {manifest} does not exist: set it to a manifest (CSV, parquet, JSONL) or "
+                        "a folder of videos with same-named .txt captions")
+    if isinstance(model_path, str):
+        root = Path(model_path)
+        if not root.is_dir() or not (root / "model_index.json").is_file():
+            what = "does not exist" if not root.exists() else "is not a diffusers model directory (no model_index.json)"
+            problems.append(f"model.path {root} {what}: point it at a local diffusers model directory "
+                            "(nothing is downloaded)")
+    return problems
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: Path | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (workdir, model, ingest, ...)")
@@ -355,7 +401,9 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<dict>", base_dir: P
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
+        paths = path_problems((raw.get("ingest") or {}).get("manifest") if isinstance(raw.get("ingest"), dict) else None,
+                              (raw.get("model") or {}).get("path") if isinstance(raw.get("model"), dict) else None)
+        raise ConfigError("\n".join([_format_errors(err, source), *(f"  {p}" for p in paths)])) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:

@@ -75,6 +75,7 @@ class FakeUnits(UnitStage):
         txn.write_bytes(folder / "items.json", json.dumps(items).encode())
         if self.name == "evaluate":
             txn.write_bytes(folder / "report.md", b"# report\n")
+            txn.write_bytes(folder / "report.html", b"<h1>report</h1>\n")
         self.calls.append(self.name)
         return kept, {"num_items": len(items)}
 
@@ -87,6 +88,7 @@ def fake_build(name: str, calls: list[str]):
         (ctx.out / f"{name}.txt").write_text(name)
         if name == "evaluate":
             (ctx.out / "report.md").write_text("# report\n")
+            (ctx.out / "report.html").write_text("<h1>report</h1>\n")
         return {"num_items": 3}
 
     return build

@@ -85,7 +85,7 @@ def test_run_through_prefect_prints_stages_and_report(config_path, fake_builders
     lines = [line for line in result.stdout.splitlines() if line.split()[0] in STAGES]
     assert [line.split()[:2] for line in lines] == [[s, "ran"] for s in STAGES]
     assert "num_items=2" in lines[0]
-    report = stage_dir(load_config(config_path).workdir, "evaluate") / "report.md"
+    report = stage_dir(load_config(config_path).workdir, "evaluate") / "report.html"
     assert f"report: {report}" in result.stdout
     assert fake_builders == list(STAGES)
 
@@ -139,3 +139,74 @@ def test_serve_beyond_loopback_needs_auth(monkeypatch):
     result = runner.invoke(app, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "PREFECT_SERVER_API_AUTH_STRING" in result.stderr
+
+
+def _status_lines(config_path, *sets: str) -> dict[str, str]:
+    args = ["status", str(config_path)] + [a for s in sets for a in ("--set", s)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {line.split()[0]: line for line in result.stdout.splitlines()[1:]}
+
+
+def test_status_names_what_changed_since_a_stage_ran(config_path, fake_builders):
+    cfg = load_config(config_path, {"train.beta": 500})
+    for name in ("ingest", "generate", "encode", "train"):
+        stages.run(cfg, name)
+    assert _status_lines(config_path, "train.beta=500")["train"].split()[1] == "current"
+    line = _status_lines(config_path, "train.beta=1000", "train.max_steps=7")["train"]
+    assert line.split(None, 2)[1:] == ["stale", "train.beta 500 -> 1000; train.max_steps 1000 -> 7"]
+
+    # encoded again with another setting: train's input changed under it
+    stages.run(load_config(config_path, {"encode.latent_dtype": "bfloat16", "train.beta": 500}), "encode")
+    lines = _status_lines(config_path, "encode.latent_dtype=bfloat16", "train.beta=500")
+    assert lines["train"].split(None, 2)[1:] == ["stale", "inputs: shards changed"]
+    assert "encode.latent_dtype bfloat16 -> float32" in _status_lines(config_path, "train.beta=500")["encode"]
+
+
+def test_status_says_where_an_interrupted_training_run_resumes(config_path, fake_builders):
+    import json
+
+    from regdpo.stages.runner import expected_fingerprint
+
+    cfg = load_config(config_path, {"train.max_steps": 5})
+    for name in ("ingest", "generate", "encode"):
+        stages.run(cfg, name)
+    partial = Path(cfg.workdir) / ".train.partial"  # what a run killed after its step-2 checkpoint leaves
+    (partial / "checkpoints" / "step-000002").mkdir(parents=True)
+    (partial / "checkpoints" / "step-000002" / "state.json").write_text(json.dumps({"format": 1, "step": 2}))
+    (partial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(3)))
+    (partial / "partial.json").write_text(json.dumps({"fingerprint": expected_fingerprint(cfg, "train")[0]}))
+    line = _status_lines(config_path, "train.max_steps=5")["train"]
+    assert line.split(None, 2)[1:] == [
+        "missing", "an interrupted run resumes from its checkpoint at step 2 of 5 (3 steps logged)"]
+    other = _status_lines(config_path, "train.max_steps=5", "train.beta=10")["train"]
+    assert "an interrupted run with other settings has its checkpoint at step 2 of 5" in other
+
+
+def test_ingest_rejects_are_listed_first_few_and_counted(config_path, capsys):
+    import pandas as pd
+
+    from regdpo.cli import _echo_rejects
+
+    cfg = load_config(config_path)
+    folder = stage_dir(cfg.workdir, "ingest")
+    folder.mkdir(parents=True)
+    pd.DataFrame({"row": range(1, 13), "path": [f"v{i}.mp4" for i in range(1, 13)],
+                  "reason": ["file not found"] * 11 + ["field 'caption': empty or missing"]}).to_parquet(
+        folder / "rejects.parquet")
+    _echo_rejects(cfg)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"  12 inputs rejected (all in {folder / 'rejects.parquet'}):"
+    assert lines[1] == "    row 1  v1.mp4: file not found" and len(lines) == 1 + 10 + 1
+    assert lines[-1] == "    ... and 2 more"
+
+
+def test_a_summary_reads_as_rounded_words():
+    from regdpo.stages.describe import summary_line
+
+    line = summary_line({"steps": 200, "final_loss": 410.3778076171875, "resumed_from": None, "segment": 0,
+                         "reference": "adapters-off", "headline": "fit better, margin unchanged",
+                         "verdicts": {"s": "better"}, "units_failed": 1,
+                         "failed": [{"id": "a.mp4", "reason": "constant frames"}]})
+    assert line == ('steps=200, final_loss=410.4, segment=0, reference=adapters-off, '
+                    'headline="fit better, margin unchanged", units_failed=1, first failure: a.mp4: constant frames')

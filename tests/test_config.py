@@ -195,3 +195,38 @@ def test_the_ranges_the_issue_found_missing():
         raw = {**BASE, section: {**BASE.get(section, {}), **node}}
         with pytest.raises(ConfigError, match=re.escape(dotted)):
             config_from_dict(raw)
+
+
+def test_an_unknown_key_suggests_the_nearest_valid_one():
+    for typo, near in (("lerning_rate", "train.learning_rate"), ("max_step", "train.max_steps")):
+        with pytest.raises(ConfigError, match=rf"train\.{typo}: unknown key; did you mean {near}\?"):
+            config_from_dict({**BASE, "train": {typo: 1}})
+    with pytest.raises(ConfigError, match=r"train\.lora\.rnak: unknown key; did you mean train\.lora\.rank\?"):
+        config_from_dict({**BASE, "train": {"lora": {"rnak": 4}}})
+    with pytest.raises(ConfigError, match=r"trian: unknown key; did you mean train\?"):
+        config_from_dict({**BASE, "trian": {}})
+    with pytest.raises(ConfigError, match=r"train\.colour: unknown key; remove it or check its spelling"):
+        config_from_dict({**BASE, "train": {"colour": 1}})
+
+
+def test_messages_carry_no_pydantic_prefix():
+    for bad in ({"train": {"r_mode": "constant"}}, {"video": {"num_frames": 8, "height": 32, "width": 32}},
+                {"model": {"preset": "tiny", "path": "/models/wan"}}):
+        with pytest.raises(ConfigError) as err:
+            config_from_dict({**BASE, **bad})
+        assert "Value error" not in str(err.value) and "Assertion failed" not in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**BASE, "train": {"r_mode": "constant"}})
+    assert str(err.value).splitlines()[1] == ("  train.r_constant is 0 with r_mode: constant, which is plain DPO; "
+                                              "set r_constant > 0 or objective: dpo")
+
+
+def test_a_bad_config_names_its_missing_paths_too(tmp_path):
+    """One run tells every up-front problem: the bad value, the missing manifest, the missing model."""
+    raw = {**BASE, "model": {"path": "/no/such/model"}, "ingest": {"manifest": "nowhere.csv"}, "train": {"beta": -1}}
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, raw))
+    lines = str(err.value).splitlines()
+    assert lines[1].startswith("  train.beta: Input should be greater than 0")
+    assert any(line.startswith(f"  ingest.manifest {tmp_path / 'nowhere.csv'} does not exist") for line in lines)
+    assert any(line.startswith("  model.path /no/such/model does not exist") for line in lines)

@@ -475,6 +475,13 @@ def test_order_and_check_inputs(config_path):
     no_model = _cfg(config_path, **{"model.preset": None, "model.path": "nowhere"})
     with pytest.raises(StageInputError, match=r"model.path .*nowhere does not exist"):
         stages.check_inputs(no_model, ["train"])
+    # every problem at once: the manifest, the model path, what to run first
+    with pytest.raises(StageInputError) as err:
+        stages.check_inputs(no_model, ["ingest", "encode"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 problems, before any stage ran:"
+    assert [line.split()[1] for line in lines[1:]] == ["ingest.manifest", "model.path", "stage"]
+    assert "run generate first" in lines[3]
 
 
 def test_importing_stages_does_not_import_torch_or_prefect():

@@ -6,10 +6,12 @@
 - a folder of videos, each with its caption in a same-named .txt beside it
   (`clip.mp4` + `clip.txt`, the convention of musubi-tuner and finetrainers), searched recursively.
 
-Problems with the manifest itself (a missing column, an empty caption, a number that is not
-one, a CSV that is not UTF-8) raise `ManifestError` naming the file, the row and the field:
-they are the user's to fix. A video without its .txt in a folder is a row-level problem: it
-comes back as a `ManifestRow` with `problem` set, which ingest records as a reject.
+Problems with the manifest itself (a missing or unknown column, no rows, a CSV that is not
+UTF-8 or whose rows do not match its header) raise `ManifestError` naming the file (and the
+row): nothing in it can be trusted. A problem with one row's values (an empty caption or path,
+a time that is not a number, an end before the start) or a video without its .txt in a folder
+is a row-level problem: the row comes back as a `ManifestRow` with `problem` set, which ingest
+records as a reject, and the other rows go on (one bad row must not block a nightly run).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         )
     if df.empty:
         raise ManifestError(f"{path}: the manifest has no rows; add one row per video")
-    return [_parse_row(path, i + 1, rec) for i, rec in enumerate(df.to_dict("records"))]
+    return [_parse_row(i + 1, rec) for i, rec in enumerate(df.to_dict("records"))]
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -145,35 +147,40 @@ def _read_folder(folder: Path) -> list[ManifestRow]:
     return rows
 
 
-def _parse_row(manifest: Path, number: int, rec: dict[str, Any]) -> ManifestRow:
-    where = f"{manifest}: row {number}" + (f" (line {number + 1})" if manifest.suffix.lower() == ".csv" else "")
-    path, caption = (_text(where, f, rec.get(f)) for f in ("path", "caption"))
-    start, end = (_seconds(where, f, rec.get(f)) for f in ("start_s", "end_s"))
-    if start is not None and end is not None and end <= start:
-        raise ManifestError(f"{where}, field 'end_s': end_s ({end:g}) must be after start_s ({start:g})")
+def _parse_row(number: int, rec: dict[str, Any]) -> ManifestRow:
+    """One row; a bad value makes the row a reject (`problem` says which field and why)."""
+    raw_path = rec.get("path")
+    path = str(raw_path).strip() if isinstance(raw_path, str) else ""
+    try:
+        path = _text("path", raw_path)
+        caption = _text("caption", rec.get("caption"))
+        start, end = (_seconds(f, rec.get(f)) for f in ("start_s", "end_s"))
+        if start is not None and end is not None and end <= start:
+            raise ManifestError(f"field 'end_s': end_s ({end:g}) must be after start_s ({start:g})")
+    except ManifestError as err:
+        return ManifestRow(number, path, "", None, None, str(err))
     return ManifestRow(number, path, caption, start, end)
 
 
-def _text(where: str, field: str, value: Any) -> str:
+def _text(field: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip():
-        raise ManifestError(f"{where}, field '{field}': empty or missing; every row needs a {field}")
+        raise ManifestError(f"field '{field}': empty or missing; every row needs a {field}")
     if not isinstance(value, str):
-        raise ManifestError(f"{where}, field '{field}': {value!r} is not text")
+        raise ManifestError(f"field '{field}': {value!r} is not text")
     return value.strip()
 
 
-def _seconds(where: str, field: str, value: Any) -> float | None:
+def _seconds(field: str, value: Any) -> float | None:
     """An optional time in seconds; empty/NaN means "not given"."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
         seconds = float(value)
     except (TypeError, ValueError):
-        raise ManifestError(
-            f"{where}, field '{field}': {value!r} is not a number of seconds; use e.g. 2.5 or leave it empty"
-        ) from None
+        raise ManifestError(f"field '{field}': {value!r} is not a number of seconds; use e.g. 2.5 or leave it "
+                            "empty") from None
     if math.isnan(seconds):
         return None
     if not math.isfinite(seconds) or seconds < 0:
-        raise ManifestError(f"{where}, field '{field}': {value!r} must be a finite number of seconds >= 0")
+        raise ManifestError(f"field '{field}': {value!r} must be a finite number of seconds >= 0")
     return seconds

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from regdpo.config import Config
+from regdpo.config import Config, path_problems
 from regdpo.stages.lock import WorkdirLocked, workdir_lock
 from regdpo.stages.registry import STAGE, STAGES, Stage, get_stage
 from regdpo.stages.runner import (
@@ -97,38 +97,33 @@ def order(names: Iterable[str] | None) -> list[str]:
 
 
 def check_inputs(cfg: Config, names: Iterable[str]) -> None:
-    """Fail before anything runs if a requested stage cannot start.
+    """Fail before anything runs if a requested stage cannot start, naming every problem at once.
 
     - a requested stage reads a stage that is neither on disk nor requested ("run X first");
     - ingest is requested and its manifest (file or folder) does not exist;
-    - a requested stage uses the model and `model.path` is not a model directory.
+    - a requested stage uses the model and `model.path` is not a model directory;
+    - evaluate is requested and there will be no held-out pairs.
     Checking up front means `--stage generate` on an empty workdir, or a typo in the model
     path, fails in milliseconds, not after earlier requested stages have spent hours.
     """
     requested = order(set(names))
-    if "ingest" in requested and not Path(cfg.ingest.manifest).exists():
-        raise StageInputError(f"ingest.manifest {cfg.ingest.manifest} does not exist: set it to a manifest "
-                              "(CSV, parquet, JSONL) or a folder of videos with same-named .txt captions")
-    if cfg.model.path is not None and any(STAGE[n].reads_model for n in requested):
-        root = Path(cfg.model.path)
-        if not root.is_dir() or not (root / "model_index.json").is_file():
-            what = "does not exist" if not root.exists() else "is not a diffusers model directory (no model_index.json)"
-            raise StageInputError(f"model.path {root} {what}: point it at a local diffusers model directory "
-                                  "(nothing is downloaded)")
+    problems = path_problems(cfg.ingest.manifest if "ingest" in requested else None,
+                             cfg.model.path if any(STAGE[n].reads_model for n in requested) else None)
     if "evaluate" in requested:
-        _check_heldout(cfg, requested)
-    for name in requested:
-        for up in STAGE[name].inputs:
-            if up not in requested and read_stage_record(cfg.workdir, up) is None:
-                raise missing_input(name, up, cfg.workdir)
+        problems += _heldout_problems(cfg, requested)
+    problems += [str(missing_input(name, up, cfg.workdir)) for name in requested for up in STAGE[name].inputs
+                 if up not in requested and read_stage_record(cfg.workdir, up) is None]
+    if len(problems) == 1:
+        raise StageInputError(problems[0])
+    if problems:
+        raise StageInputError(f"{len(problems)} problems, before any stage ran:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def _check_heldout(cfg: Config, requested: list[str]) -> None:
+def _heldout_problems(cfg: Config, requested: list[str]) -> list[str]:
     """evaluate measures held-out pairs: make sure there will be some before anything runs."""
     if cfg.ingest.heldout_fraction == 0 and cfg.ingest.min_heldout == 0:
-        raise StageInputError("evaluate needs held-out clips, but ingest.heldout_fraction and ingest.min_heldout "
-                              "are both 0: set ingest.min_heldout >= 1 (or heldout_fraction > 0), or leave "
-                              "evaluate out of the run")
+        return ["evaluate needs held-out clips, but ingest.heldout_fraction and ingest.min_heldout are both 0: set "
+                "ingest.min_heldout >= 1 (or heldout_fraction > 0), or leave evaluate out of the run"]
     if "encode" not in requested:
         index = Path(cfg.workdir) / "shards" / "index.json"
         if index.is_file():
@@ -136,5 +131,6 @@ def _check_heldout(cfg: Config, requested: list[str]) -> None:
 
             splits = json.loads(index.read_text()).get("splits", {})
             if not splits.get("heldout", {}).get("num_samples"):
-                raise StageInputError(f"evaluate needs held-out pairs, but {index} has none: rerun ingest and "
-                                      "encode with ingest.min_heldout >= 1")
+                return [f"evaluate needs held-out pairs, but {index} has none: rerun ingest and encode with "
+                        "ingest.min_heldout >= 1"]
+    return []

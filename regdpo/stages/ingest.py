@@ -59,14 +59,18 @@ class NoClipsError(ValueError):
 def resolve_source(manifest: Path, raw: str, *, allow_symlinks_outside: bool = False) -> Path:
     """The file a manifest path names; paths are relative to the manifest's folder and must stay inside it.
 
-    `../x` or an absolute path elsewhere is refused, and so is a symlink (anywhere on the way)
-    that resolves outside the folder, unless `allow_symlinks_outside`: a folder other people
-    fill must not pull in any readable file on the machine.
+    `../x` or an absolute path elsewhere is refused (the reason names the two ways out), and so
+    is a symlink (anywhere on the way) that resolves outside the folder, unless
+    `allow_symlinks_outside`: a folder other people fill must not pull in any readable file on
+    the machine.
     """
     root = os.path.abspath(manifest if manifest.is_dir() else manifest.parent)
     full = os.path.abspath(os.path.join(root, raw))  # an absolute `raw` replaces root here
     if os.path.commonpath([root, full]) != root:
-        raise VideoError(raw, "path outside the manifest folder")
+        raise VideoError(raw, f"path outside the manifest folder {root}: manifest paths are relative to it and may not "
+                              "leave it (a shared manifest must not read any file on the machine); put the manifest "
+                              "in a folder above the videos, or link the video into the folder and set "
+                              "ingest.allow_symlinks_outside: true")
     real_root, real = os.path.realpath(root), os.path.realpath(full)
     if not allow_symlinks_outside and os.path.commonpath([real_root, real]) != real_root:
         raise VideoError(raw, "a symlink that points outside the manifest folder (set "

@@ -133,14 +133,22 @@ def _upstream(cfg: Config, name: str) -> dict[str, str]:
     return upstream
 
 
+def input_identities(cfg: Config, name: str) -> dict[str, str]:
+    """What a whole stage's fingerprint covers besides its settings and its input stages'
+    fingerprints: the model's files and the shard files as they are now (stage.json keeps them,
+    so `regdpo status` can say which changed)."""
+    stage = get_stage(name)
+    return {"model": model_identity(cfg) if stage.reads_model else "",
+            "shards": _shard_files(cfg) if "encode" in stage.inputs else ""}
+
+
 def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
     """A whole stage's fingerprint now: its config sections, its inputs' fingerprints, the model."""
     stage = get_stage(name)
     upstream = _upstream(cfg, name)
     payload = json.dumps(
         {"stage": name, "config": cfg.section_fingerprint(*stage.sections), "seed": cfg.seed, "upstream": upstream,
-         "model": model_identity(cfg) if stage.reads_model else "",
-         "shards": _shard_files(cfg) if "encode" in stage.inputs else ""},
+         **input_identities(cfg, name)},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream
@@ -287,6 +295,7 @@ def _run_whole(cfg: Config, name: str, build: BuildFn, force: bool) -> StageResu
         "stage": name,
         "fingerprint": fingerprint,
         "upstream": upstream,
+        "inputs": input_identities(cfg, name),
         "summary": summary,
         "seconds": round(seconds, 3),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
