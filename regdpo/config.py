@@ -8,13 +8,13 @@ config file's own directory, so a config works from any current directory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from regdpo.hashing import short_hash
 
 
 class ConfigError(ValueError):
@@ -313,7 +313,7 @@ class Config(_Strict):
         """Stable hash of the named top-level sections (e.g. 'model', 'video', 'ingest'),
         runtime fields (devices, batch sizes, ...) left out."""
         payload = {n: fingerprint_payload(getattr(self, n)) for n in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(payload)
 
 
 def _fields_at(loc: tuple) -> list[str]:

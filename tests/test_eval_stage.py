@@ -2,6 +2,7 @@
 denoiser for its error pass, and writes the report, samples and metrics."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -126,8 +127,16 @@ def test_sample_settings_are_evaluations_own():
 
 
 def test_sample_seed_is_per_caption_and_not_the_negatives():
+    import subprocess
+    import sys
+
     from regdpo.stages.generate import clip_seed
 
-    assert evaluate_stage.sample_seed(0, "abc") == evaluate_stage.sample_seed(0, "abc")
-    assert evaluate_stage.sample_seed(0, "abc") != evaluate_stage.sample_seed(0, "abd")
+    # the same in another process (no per-process salted hash()), so a rerun samples alike
+    code = "from regdpo.stages.evaluate import sample_seed; print(sample_seed(0, 'abc'), sample_seed(5, 'abc'))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": "random"}).stdout.split()
+    assert [int(x) for x in other] == [evaluate_stage.sample_seed(0, "abc"), evaluate_stage.sample_seed(5, "abc")]
+    seeds = {evaluate_stage.sample_seed(s, c) for s in (0, 5) for c in ("abc", "abd")}
+    assert len(seeds) == 4 and all(0 <= x < 2**31 for x in seeds)  # per seed and caption; a 31-bit sampler seed
     assert evaluate_stage.sample_seed(0, "abc") != clip_seed(0, "abc")

@@ -15,7 +15,7 @@ def test_flow_noisy_and_target_float64():
     ref = torch.tensor([[0.75 * 1.0 + 0.25 * 0.1, 0.75 * -2.0 + 0.25 * 0.2],
                         [0.1 * 0.5 + 0.9 * -1.0, 0.1 * 0.25 + 0.9 * 3.0]], dtype=torch.float64)
     torch.testing.assert_close(xt, ref, rtol=1e-15, atol=0)
-    torch.testing.assert_close(fm.flow_target(x0, eps), eps - x0)
+    torch.testing.assert_close(fm.flow_target(x0, eps), torch.tensor([[-0.9, 2.2], [-1.5, 2.75]], dtype=torch.float64))
     # the velocity carries x_t to x0 and ε: x_t - t·y = x0, x_t + (1-t)·y = ε
     y = fm.flow_target(x0, eps)
     torch.testing.assert_close(xt - t[:, None] * y, x0)
@@ -77,6 +77,14 @@ def test_pair_shares_t_and_noise_within_pair_not_across():
     torch.testing.assert_close(fm.pair_noise(latents_w, g2), noise)
 
 
-def test_zero_error_for_perfect_prediction():
-    x0, eps = torch.randn(2, 4, 3, 2, 2), torch.randn(2, 4, 3, 2, 2)
-    assert per_sample_error(fm.flow_target(x0, eps), eps - x0).abs().max() == 0
+def test_error_of_a_prediction_against_the_target():
+    # A model that knows x0 predicts the velocity from what it is given (x_t, t): its error is 0;
+    # a prediction off by δ everywhere costs δ² per sample (mean over C, F, H, W), whatever t.
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 2, 2, generator=g), torch.randn(2, 4, 3, 2, 2, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    xt, target = fm.noisy_and_target("flow", x0, eps, t)
+    perfect = (xt - x0) / t[:, None, None, None, None]
+    torch.testing.assert_close(per_sample_error(perfect, target), torch.zeros(2), atol=1e-10, rtol=0)
+    torch.testing.assert_close(per_sample_error(perfect + torch.tensor([0.5, -2.0])[:, None, None, None, None], target),
+                               torch.tensor([0.25, 4.0]))

@@ -8,7 +8,6 @@ import webdataset as wds
 from safetensors.torch import load as st_load
 
 from regdpo.data.shards import encode_sample, iter_pairs, list_members, read_index, shard_urls, write_pairs
-from regdpo.train.data import pair_stream
 
 
 def _write(root, n=5, per_shard=2):
@@ -53,22 +52,6 @@ def test_key_with_dot_is_rejected():
 def test_missing_index_says_run_encode(tmp_path):
     with pytest.raises(FileNotFoundError, match="encode"):
         read_index(tmp_path)
-
-
-def test_pair_stream_is_deterministic_and_resumable(tmp_path):
-    _write(tmp_path, n=6)
-    urls = shard_urls(tmp_path, "train")
-    first = [b["key"] for _, b in zip(range(8), pair_stream(urls, batch_size=2, seed=3))]
-    again = [b["key"] for _, b in zip(range(8), pair_stream(urls, batch_size=2, seed=3))]
-    resumed = [b["key"] for _, b in zip(range(5), pair_stream(urls, batch_size=2, seed=3, skip_batches=3))]
-    assert first == again
-    assert resumed == first[3:]
-    other = [b["key"] for _, b in zip(range(8), pair_stream(urls, batch_size=2, seed=4))]
-    assert other != first
-    batch = next(pair_stream(urls, batch_size=2, seed=0))
-    assert batch["latents_w"].shape == (2, 4, 3, 2, 2)
-    with pytest.raises(ValueError, match="train split is empty"):
-        pair_stream([], batch_size=1, seed=0)
 
 
 def test_pair_ids_are_checked_before_use_as_a_name():

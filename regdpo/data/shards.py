@@ -1,10 +1,11 @@
 """Pair shards: WebDataset tar files of pre-encoded preference pairs. No pickle anywhere.
 
-One sample per pair, key = clip_id:
-    <clip_id>.pair.safetensors   latents_w, latents_l (C,F,H,W) + the conditioning tensors
+One sample per pair, key = the pair id: the clip_id, or clip_id_k<k> for the k-th of several
+negatives of a clip (generate.num_negatives > 1):
+    <pair_id>.pair.safetensors   latents_w, latents_l (C,F,H,W) + the conditioning tensors
                                  (prompt_embeds (L,D); image-to-video adds image_embeds,
                                  condition_latents)
-    <clip_id>.meta.json          caption, clip_id, source, split, negative seed, fingerprints
+    <pair_id>.meta.json          caption, clip_id, source, split, negative seed, fingerprints
 
 Readable with plain `webdataset` + `safetensors` (see `iter_pairs` for the whole recipe).
 """

@@ -8,7 +8,6 @@ into per-pair changes with paired-bootstrap intervals and a verdict per metric (
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from regdpo.data.shards import conditioning
 from regdpo.eval.stats import COMPONENT, MARGIN, SAMPLES, Interval, mean_interval, proportion_interval, shifted, verdict
 from regdpo.flow_matching import pair_noise
+from regdpo.hashing import derive_seed
 from regdpo.losses import per_sample_error
 
 MODELS = ("base", "tuned")
@@ -25,7 +25,7 @@ MEMBERS = {"w": "real", "l": "negative"}
 
 
 def _pair_generator(seed: int, key: str) -> torch.Generator:
-    return torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16))
+    return torch.Generator().manual_seed(derive_seed(seed, key, bits=32))
 
 
 @torch.no_grad()

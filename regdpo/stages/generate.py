@@ -17,7 +17,6 @@ guidance batched in). A video that comes out non-finite or constant fails its un
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import pyarrow.parquet as pq
 
 from regdpo.config import Config, fingerprint_payload
 from regdpo.data.video import read_frames, write_mp4
+from regdpo.hashing import derive_seed
 from regdpo.stages.common import load_clips, resolve_devices
 from regdpo.stages.journal import Transaction
 from regdpo.stages.runner import model_identity
@@ -53,9 +53,7 @@ NEGATIVE_SCHEMA = pa.schema([
 
 def clip_seed(base_seed: int, clip_id: str, k: int = 0) -> int:
     """A 31-bit seed from (generate.seed, clip_id, k): stable across runs and machines."""
-    tag = clip_id if k == 0 else f"{clip_id}:{k}"
-    digest = hashlib.sha256(f"{base_seed}:{tag}".encode()).hexdigest()
-    return int(digest[:8], 16) & 0x7FFFFFFF
+    return derive_seed(base_seed, clip_id, bits=31) if k == 0 else derive_seed(base_seed, clip_id, k, bits=31)
 
 
 def negative_id(clip_id: str, k: int, num_negatives: int) -> str:

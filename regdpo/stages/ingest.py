@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 from regdpo.config import Config, fingerprint_payload
 from regdpo.data.manifest import ManifestError, ManifestRow, read_manifest
 from regdpo.data.video import VideoError, VideoReader, write_mp4
-from regdpo.stages.journal import Transaction, atomic_write_json
+from regdpo.durable import atomic_write_json
+from regdpo.hashing import derive_seed, short_hash
+from regdpo.stages.journal import Transaction
 from regdpo.stages.units import StagePlan, Unit, UnitStage, UnitWorker, content_key, stage_folder
 
 log = logging.getLogger(__name__)
@@ -117,13 +119,13 @@ class HashCache:
 def make_clip_id(
     sha256: str, start_s: float, end_s: float, fps: float, num_frames: int, height: int, width: int
 ) -> str:
-    """First 16 hex of sha256 over the source content hash, the window and the clip spec: stable, no dots."""
-    key = json.dumps([sha256, round(start_s, 6), round(end_s, 6), float(fps), num_frames, height, width])
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """A short hash of the source content hash, the window and the clip spec: stable, no dots."""
+    return short_hash([sha256, round(start_s, 6), round(end_s, 6), float(fps), num_frames, height, width])
 
 
 def _split_score(clip_id: str) -> float:
-    return int(hashlib.sha256(f"split:{clip_id}".encode()).hexdigest()[:12], 16) / float(1 << 48)
+    """A clip's place in [0, 1) for the held-out split: its own, whatever other clips there are."""
+    return derive_seed("split", clip_id, bits=48) / float(1 << 48)
 
 
 def assign_splits(clip_ids: list[str], heldout_fraction: float, min_heldout: int,

@@ -1,4 +1,4 @@
-"""Publication that no kill can tear: atomic file writes and a roll-forward journal.
+"""Publication that no kill can tear: a roll-forward journal over atomic writes (durable.py).
 
 A stage publishes several files at once (a table, stage.json, unit files moved out of staging,
 old files deleted). It first writes every new file under a temporary name, then writes ONE
@@ -25,10 +25,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from regdpo.durable import TMP_MARK, atomic_write_json, fsync_dir, tmp_name, write_synced
+
 log = logging.getLogger(__name__)
 
 JOURNAL_DIR = ".journal"
-TMP_MARK = ".tmp-"  # every temporary name contains this; `recover` removes leftovers
 TOKEN_FILE = ".publish-token"
 
 
@@ -37,49 +38,6 @@ def _read_token(folder: Path) -> str | None:
         return (folder / TOKEN_FILE).read_text().strip()
     except OSError:
         return None
-
-
-def tmp_name(path: Path) -> Path:
-    """A unique temporary sibling of `path` (same folder, so a rename is atomic)."""
-    return path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
-    """Write `data` to `path` so that readers see the old file or the whole new one; `durable`
-    also survives a power cut (fsync), which a cache can do without."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = True) -> Path:
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), durable=durable)
 
 
 # ---- directory exchange ------------------------------------------------------------------
@@ -144,11 +102,7 @@ class Transaction:
         return tmp
 
     def write_bytes(self, dst: Path, data: bytes) -> None:
-        tmp = self.new_path(dst)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(self.new_path(dst), data)
 
     def write_json(self, dst: Path, obj: Any) -> None:
         self.write_bytes(dst, (json.dumps(obj, indent=2) + "\n").encode())
@@ -173,7 +127,7 @@ class Transaction:
         journal = self.workdir / JOURNAL_DIR / f"{self.name}.json"
         # new files must be durable before the journal that points at them
         for d in {t.parent for t in self._temps}:
-            _fsync_dir(d)
+            fsync_dir(d)
         try:
             atomic_write_json(journal, {"name": self.name, "ops": self.ops})
         except BaseException:
@@ -221,7 +175,7 @@ def _apply(workdir: Path, journal: Path) -> None:
                 _remove(old)
         else:
             raise ValueError(f"{journal}: unknown journal operation {op!r}")
-    _fsync_dir(workdir)
+    fsync_dir(workdir)
     journal.unlink()
 
 

@@ -108,8 +108,3 @@ def workdir_lock(workdir: str | os.PathLike, command: str | None = None) -> Iter
             os.ftruncate(fd, 0)  # an empty file: nobody holds it
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-
-
-def is_held_here(workdir: str | os.PathLike) -> bool:
-    """Whether this process holds the workdir's lock."""
-    return os.path.realpath(workdir) in _held

@@ -15,7 +15,6 @@ committed-but-unapplied (journal.py), so the published state is always one whole
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 
 from regdpo.config import Config, fingerprint_payload, save_resolved
 from regdpo.fingerprint import dir_fingerprint
+from regdpo.hashing import short_hash
 from regdpo.stages.lock import workdir_lock
 from regdpo.stages.journal import Transaction, pending_journals, recover
 from regdpo.stages.registry import STAGE, STAGES, get_stage
@@ -100,8 +100,7 @@ def model_identity(cfg: Config) -> str:
     if cfg.model.path is not None:
         root = Path(cfg.model.path)
         files = dir_fingerprint(root) if root.is_dir() else "missing"
-    payload = json.dumps({"model": fingerprint_payload(cfg.model), "files": files}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return short_hash({"model": fingerprint_payload(cfg.model), "files": files})
 
 
 def _shard_files(cfg: Config) -> str:
@@ -120,7 +119,7 @@ def _shard_files(cfg: Config) -> str:
                 stats.append([shard["path"], st.st_size, st.st_mtime_ns])
             except OSError:
                 stats.append([shard["path"], None, None])
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    return short_hash(stats)
 
 
 def _upstream(cfg: Config, name: str) -> dict[str, str]:
@@ -146,12 +145,9 @@ def expected_fingerprint(cfg: Config, name: str) -> tuple[str, dict[str, str]]:
     """A whole stage's fingerprint now: its config sections, its inputs' fingerprints, the model."""
     stage = get_stage(name)
     upstream = _upstream(cfg, name)
-    payload = json.dumps(
-        {"stage": name, "config": cfg.section_fingerprint(*stage.sections), "seed": cfg.seed, "upstream": upstream,
-         **input_identities(cfg, name)},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16], upstream
+    payload = {"stage": name, "config": cfg.section_fingerprint(*stage.sections), "seed": cfg.seed,
+               "upstream": upstream, **input_identities(cfg, name)}
+    return short_hash(payload), upstream
 
 
 def get_impl(name: str) -> StageImpl:

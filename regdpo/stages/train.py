@@ -26,7 +26,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from regdpo.config import Config, config_from_dict
 from regdpo.stages.runner import StageContext
 from regdpo.train.checkpoint import TrainState, latest_checkpoint
 from regdpo.train.lineage import continuation, lineage_of
@@ -114,12 +113,3 @@ def _link(src: str, dst: str) -> None:
     except OSError:  # another filesystem
         shutil.copy2(src, dst)
 
-
-def plan_config(plan: dict[str, Any]) -> Config:
-    return config_from_dict(plan["config"], source="train plan")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from regdpo.stages.journal import atomic_write_json
-
-    atomic_write_json(path, obj)

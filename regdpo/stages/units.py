@@ -20,10 +20,8 @@ published tables, counted in stage.json, and retried by the next run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 import traceback
@@ -35,8 +33,10 @@ from typing import Any
 import pandas as pd
 
 from regdpo.config import Config
+from regdpo.durable import TMP_MARK, atomic_write_json, tmp_name
+from regdpo.hashing import short_hash
 from regdpo.progress import ProgressLog
-from regdpo.stages.journal import TMP_MARK, Transaction, atomic_write_json, tmp_name
+from regdpo.stages.journal import Transaction
 from regdpo.stages.registry import get_stage
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ INDEX_NAME = "units.parquet"
 
 
 def content_key(*parts: Any) -> str:
-    """16 hex of sha256 over JSON-encoded parts: the key of a unit."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The key of a unit: a short hash of its parts."""
+    return short_hash(parts)
 
 
 @dataclass(frozen=True)
@@ -436,8 +436,3 @@ def _changed_files(workdir: Path, impl: UnitStage, published: dict[str, dict[str
         log.warning("%s: %s is missing or changed since it was published; its units are redone",
                     impl.name, folder / rel)
     return changed
-
-
-def mean_seconds(results: list[dict[str, Any]]) -> float:
-    secs = [r.get("seconds") for r in results if isinstance(r.get("seconds"), (int, float))]
-    return float(sum(secs) / len(secs)) if secs else math.nan

@@ -20,7 +20,6 @@ tensor is checked on every process: a non-finite value aborts the save.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from regdpo.durable import fsync_dir, sync_to_disk
 from regdpo.train import distributed as D
 
 FORMAT = 1
@@ -99,26 +99,6 @@ def _check_finite(tensors: dict[str, torch.Tensor], device: torch.device, where:
                                  f"(e.g. {names[0] if names else '?'}); no checkpoint holds a non-finite value")
 
 
-def sync_to_disk(path: Path) -> None:
-    """fsync a file, or every file of a folder and the folder itself, before a rename makes it
-    visible: after a power cut a published name never points at empty or partial files."""
-    path = Path(path)
-    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
-    for f in files:
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    for d in {*(f.parent for f in files), path.parent}:
-        _sync_dir(d)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sharded(tensors: dict[str, torch.Tensor]) -> bool:
     return any(hasattr(t, "to_local") for t in tensors.values())
 
@@ -150,7 +130,7 @@ def save_checkpoint(root: Path, state: TrainState, tensors: dict[str, torch.Tens
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        _sync_dir(root)  # the rename itself
+        fsync_dir(root)  # the rename itself
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
     D.barrier()

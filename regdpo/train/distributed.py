@@ -40,14 +40,8 @@ class DistContext:
 
     @property
     def is_rank0(self) -> bool:
+        """The one predicate for rank-0-only work (logging, metrics, checkpoint metadata, exports)."""
         return self.rank == 0
-
-
-def is_rank0() -> bool:
-    """The one predicate for rank-0-only work (logging, metrics, checkpoint metadata, exports)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def env_world_size() -> int:
@@ -118,11 +112,6 @@ def parallelize(model: torch.nn.Module, ctx: DistContext, parallelism: str, comp
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
     return model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The denoiser inside a DDP wrapper (FSDP2 shards in place: the module itself)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
 
 
 def gradient_sync(model: torch.nn.Module, enabled: bool):

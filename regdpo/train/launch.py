@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from regdpo.stages.journal import atomic_write_json
+from regdpo.config import Config, config_from_dict
+from regdpo.durable import atomic_write_json
 from regdpo.train import distributed as D
 
 log = logging.getLogger("regdpo.train")
@@ -35,8 +36,6 @@ PLAN_NAME, SUMMARY_NAME = ".launch.json", ".summary.json"
 
 def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """Train per `plan` here, in the processes of an outer torchrun, or in N processes of our own."""
-    from regdpo.stages.train import plan_config
-
     cfg = plan_config(plan)
     if D.env_world_size() > 1:  # rank 0 of an outer torchrun; the others wait in `_outer`
         D.broadcast_json({"plan": plan})
@@ -50,10 +49,13 @@ def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
 _PLAN_SENT = [False]
 
 
+def plan_config(plan: dict[str, Any]) -> Config:
+    return config_from_dict(plan["config"], source="train plan")
+
+
 def train_plan(plan: dict[str, Any]) -> dict[str, Any]:
     """This process's share of the training (joins the process group if there is one)."""
     from regdpo.models import load_model
-    from regdpo.stages.train import plan_config, write_json
     from regdpo.train.loader import PairSource
     from regdpo.train.loop import train
 
@@ -66,7 +68,7 @@ def train_plan(plan: dict[str, Any]) -> dict[str, Any]:
         spec = load_model(cfg.model.model_copy(update={"device": str(ctx.device)}))
         summary = train(cfg, spec, PairSource.from_index(plan["shards"], "train"), Path(plan["out"]), ctx=ctx)
         if ctx.is_rank0 and plan.get("summary_file"):  # read by the stage that spawned this torchrun
-            write_json(Path(plan["out"]) / SUMMARY_NAME, summary)
+            atomic_write_json(Path(plan["out"]) / SUMMARY_NAME, summary)
         return summary
     finally:
         D.shutdown(ctx)

@@ -15,11 +15,10 @@ own lineage:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from regdpo.config import Config, fingerprint_payload
+from regdpo.hashing import short_hash
 from regdpo.train.checkpoint import TrainState, latest_checkpoint
 from regdpo.train.loader import PairSource, shard_set_relation
 
@@ -28,7 +27,7 @@ def lineage_of(cfg: Config, spec) -> str:
     train = fingerprint_payload(cfg.train)
     train.pop("max_steps")
     payload = {"model": fingerprint_payload(cfg.model), "weights": spec.fingerprint(), "train": train}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return short_hash(payload)
 
 
 def fresh_state(lineage: str, source: PairSource) -> TrainState:

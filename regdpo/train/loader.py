@@ -25,7 +25,6 @@ extracted to disk and no member is unpickled.
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -40,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from regdpo.data.shards import decode_sample, read_index
+from regdpo.hashing import short_hash
 from regdpo.train.rng import derive_seed
 
 # WebDataset's split of a member name into sample key and extension (first dot of the basename).
@@ -92,7 +92,7 @@ class PairSource:
                 for s in self.shards]
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash(self.identity())
 
 
 def shard_set_relation(old: list[dict[str, Any]], new: PairSource) -> str:

@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from regdpo.durable import TMP_MARK, atomic_write_text
+
 log = logging.getLogger("regdpo.train")
 
 # Keys of a metrics row that measure the machine, not the trajectory.
@@ -83,8 +85,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop logged steps >= `step` (written after the checkpoint a run resumes from) and a torn
     last line, atomically: readers see the old file or the whole new one, even after a kill."""
-    from regdpo.stages.journal import TMP_MARK, atomic_write_text  # the project's one atomic write
-
     path = Path(path)
     for leftover in path.parent.glob(f"{path.name}{TMP_MARK}*"):  # of a rewrite killed before its rename
         leftover.unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from regdpo.losses import per_sample_error
 from regdpo.train import distributed as D
-from regdpo.train.checkpoint import sync_to_disk
+from regdpo.durable import sync_to_disk
 from regdpo.train.loader import PairSource, Split, make_loader
 from regdpo.train.pairs import PairInputs, pair_inputs
 

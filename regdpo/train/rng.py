@@ -9,16 +9,9 @@ epoch (loader.py), and the dropout masks of each micro-batch (`seed_dropout`).
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import torch
 
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any JSON-able parts, stable across processes, machines and versions."""
-    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+from regdpo.hashing import derive_seed
 
 
 def pair_generator(seed: int, step: int, index: int) -> torch.Generator:
