@@ -18,7 +18,8 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.server import configured_api_url, ensure_pools, prefect_command, wait_healthy
+from pipelines.serve import ensure_pools
+from pipelines.server import configured_api_url, prefect_command, wait_healthy
 
 Echo = Callable[[str], None]
 NIGHTLY = ("regdpo-pipeline/nightly-pairs", "regdpo-pipeline/nightly-train")

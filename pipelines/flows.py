@@ -33,13 +33,12 @@ from typing import Any, Literal, Optional  # noqa: E402
 
 from prefect import Flow, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.concurrency.sync import concurrency  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.events import emit_event  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 
-from pipelines import artifacts, forksafe  # noqa: E402
+from pipelines import artifacts, forksafe, slots  # noqa: E402
 from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
 from regdpo import stages as stage_lib  # noqa: E402
 from regdpo.config import Config, load_config  # noqa: E402
@@ -56,7 +55,8 @@ forksafe.install()
 # (USER_ERRORS) are never retried: a second attempt cannot fix a config or an input.
 RETRIES: int = 1
 RETRY_DELAY_S: float = 30.0
-USER_ERRORS: tuple[type[BaseException], ...] = (StageInputError, ValueError, stage_lib.WorkdirLocked)
+USER_ERRORS: tuple[type[BaseException], ...] = (StageInputError, ValueError, stage_lib.WorkdirLocked,
+                                               slots.SlotTimeout)  # a run that gave up waiting: not again
 PAIRS_EVENT = "regdpo.pairs.published"  # nightly-train's trigger (prefect.yaml)
 GPU_LIMIT = "regdpo-gpu"  # global concurrency limit: one slot per GPU (regdpo serve / deploy create it)
 WORK_ITEM_DEPLOYMENT = "regdpo-work-item/work-item"  # prefect.yaml: one work item on the GPU pool
@@ -107,9 +107,10 @@ def _gpu_limit_exists() -> bool:
 
 def _gpu_slot(stage: str):
     """A slot of the GPU concurrency limit for GPU stages' work; no-op for CPU stages and where
-    the server has no such limit (Prefect's temporary local server: one machine, DevicePool)."""
+    the server has no such limit (Prefect's temporary local server: one machine, DevicePool).
+    A dead holder's slot is reclaimed, a wait is announced and bounded (pipelines/slots.py)."""
     if STAGE[stage].gpu and _gpu_limit_exists():
-        return concurrency(GPU_LIMIT, occupy=1, strict=False)
+        return slots.slot(GPU_LIMIT, run=flow_run.get_name() or stage, say=get_run_logger().info)
     return contextlib.nullcontext()
 
 

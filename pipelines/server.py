@@ -1,12 +1,26 @@
-"""Prefect servers for one machine: the temporary one behind `regdpo run`, and `regdpo serve`.
+"""Prefect's API server for one `regdpo run`, started and stopped by us.
 
-`regdpo run` with no API configured (no PREFECT_API_URL, no profile setting) starts Prefect's
-own temporary server (SQLite, loopback, a free port) before the flow needs it, and a watchdog
-(pipelines/lifetime.py) that stops it if the run is killed, kill -9 included.
+`regdpo run` with no API configured (no PREFECT_API_URL, no profile setting) needs a server for
+the length of the run. Prefect would start its own on first use (`SubprocessASGIServer`: uvicorn
+on `prefect.server.api.server:create_app`, waiting PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+default 20, for /health): in our process group, so a terminal's Ctrl-C kills it before the run
+can record that it was interrupted; on the shared SQLite database under PREFECT_HOME, so every
+run's server and `regdpo serve` write one file ("database is locked") and share concurrency
+limits; and with a start-up budget a busy laptop misses. So we start the same command ourselves:
 
-`regdpo serve` is for a person on one machine who wants the UI, deployments and schedules:
-a real `prefect server start` on loopback, the work pools and the global GPU limit, and one
-process worker per pool; Ctrl-C (or killing `regdpo serve` in any way) stops all of them.
+- in its own session (a Ctrl-C reaches the run, which stops the server last) and guarded by a
+  watchdog (pipelines/lifetime.py) that stops it and removes its files if the run is killed;
+- on a database of its own, a copy of a migrated template kept under PREFECT_HOME (creating
+  Prefect's schema in a new SQLite file is most of a first start: ~70 s instead of ~20 s on a
+  loaded 2-core machine); PREFECT_API_DATABASE_CONNECTION_URL, when set, is used instead;
+- with a start-up timeout that fits a busy machine (120 s, or the PREFECT_SERVER_EPHEMERAL_
+  STARTUP_TIMEOUT_SECONDS you set) and one retry on a fresh port; then one line saying what to do.
+
+    server = TemporaryServer.start_if_needed()   # None when a server is configured
+    ...                                          # (import the flows meanwhile)
+    url = server.wait_ready()                    # raises ServerStartError (one line)
+    ...
+    server.stop()
 """
 
 from __future__ import annotations
@@ -14,19 +28,23 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 from pipelines.lifetime import die_with_me, terminate
 
-Echo = Callable[[str], None]
-CPU_POOL, GPU_POOL = "cpu-pool", "gpu-pool"  # the pool names prefect.yaml's deployments use
-GPU_LIMIT = "regdpo-gpu"
+STARTUP_TIMEOUT_S = 120  # per attempt, where PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is not set
+ATTEMPTS = 2
+
+
+class ServerStartError(RuntimeError):
+    """The temporary server did not come up; the message is one line saying what to do."""
 
 
 def configured_api_url() -> str | None:
@@ -34,22 +52,6 @@ def configured_api_url() -> str | None:
     from prefect.settings import get_current_settings
 
     return get_current_settings().api.url
-
-
-def ensure_api(echo: Echo) -> str:
-    """The API URL this process will use; starts the temporary server (guarded) when none is set."""
-    url = configured_api_url()
-    if url:
-        return url
-    from prefect.server.api.server import SubprocessASGIServer
-
-    # The same singleton Prefect's clients start on first use: starting it here lets us guard it.
-    server = SubprocessASGIServer()
-    server.start()
-    if server.server_process is not None:
-        die_with_me(pids=[server.server_process.pid])
-    echo(f"Prefect: temporary server on {server.address} (stops with this run; PREFECT_API_URL selects yours)")
-    return server.api_url
 
 
 def prefect_command() -> list[str]:
@@ -67,116 +69,184 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
-    """Block until GET <url>/health answers 200; a clear error if the server dies or times out."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_healthy(url: str) -> bool:
     import httpx
 
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_healthy(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    """Block until GET <url>/health answers 200; a clear error if the server dies or times out."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with code {process.returncode} before it was ready "
-                               "(its output is above)")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+            raise RuntimeError(f"the Prefect server exited with code {process.returncode} before it was ready")
+        if is_healthy(url):
+            return
         time.sleep(0.5)
     raise RuntimeError(f"the Prefect server at {url} did not answer within {timeout_s:.0f} s")
 
 
-def gpu_count() -> int:
-    """Visible NVIDIA GPUs (nvidia-smi -L), 0 when there is none or no driver."""
-    if not shutil.which("nvidia-smi"):
-        return 0
+def startup_timeout_s() -> int:
+    """Seconds one start may take: PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS when you set it
+    (environment or profile), else ours (Prefect's default of 20 s is missed on a busy laptop)."""
+    from prefect.settings import get_current_settings
+
+    ephemeral = get_current_settings().server.ephemeral
+    return ephemeral.startup_timeout_seconds if "startup_timeout_seconds" in ephemeral.model_fields_set \
+        else STARTUP_TIMEOUT_S
+
+
+def _own_database() -> bool:
+    """Whether the temporary server gets a database of its own (no PREFECT_API_DATABASE_CONNECTION_URL set)."""
+    from prefect.settings import get_current_settings
+
+    return "connection_url" not in get_current_settings().server.database.model_fields_set
+
+
+def template_path() -> Path:
+    """A migrated, empty database for this Prefect version, copied for each temporary server."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    return Path(get_current_settings().home) / "regdpo" / f"temporary-server-{prefect.__version__}.db"
+
+
+def _save_template(db: Path, template: Path) -> None:
+    """Snapshot a just-started (migrated, still empty) database as the template; best effort."""
+    template.parent.mkdir(parents=True, exist_ok=True)
+    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-
-
-def ensure_pools(gpu_slots: int, echo: Echo) -> None:
-    """Create the process work pools and the GPU limit when missing (existing ones are left as they are)."""
-    from prefect import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        for name in (CPU_POOL, GPU_POOL):
-            try:
-                client.read_work_pool(name)
-            except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-                echo(f"created work pool {name} (process)")
+        src, dst = sqlite3.connect(db), sqlite3.connect(tmp)
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=max(1, gpu_slots)))
-            echo(f"created global concurrency limit {GPU_LIMIT} ({max(1, gpu_slots)} slot(s): one per GPU)")
+            src.backup(dst)  # consistent even while the server writes (WAL)
+        finally:
+            src.close()
+            dst.close()
+        os.replace(tmp, template)
+    except (OSError, sqlite3.Error):
+        tmp.unlink(missing_ok=True)
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen
+def drain_clients(timeout_s: float = 10) -> None:
+    """Send this process's queued run logs and events now, while the server still answers (Prefect
+    would send them at exit, after the temporary server has stopped)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        try:
+            service.drain_all(timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - best effort: the run's result does not depend on it
+            pass
 
 
-def _start(name: str, args: list[str], env: dict[str, str]) -> Child:
-    # Its own process group, so stopping it also stops the flow-run processes a worker started.
-    return Child(name, subprocess.Popen(args, env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+class TemporaryServer:
+    """Prefect's server for the length of one run (see the module docstring)."""
 
+    def __init__(self, timeout_s: float | None = None, attempts: int = ATTEMPTS):
+        self.timeout_s = float(timeout_s if timeout_s is not None else startup_timeout_s())
+        self.attempts = attempts
+        self.dir = Path(tempfile.mkdtemp(prefix="regdpo-prefect-server-"))
+        self.log_path = self.dir / "server.log"
+        self.db = self.dir / "prefect.db" if _own_database() else None
+        self.template = template_path() if self.db is not None else None
+        self.fresh_template = False
+        self.process: subprocess.Popen | None = None
+        self.guard: subprocess.Popen | None = None
+        self.port = 0
 
-def serve(host: str, port: int, cpu_limit: int, gpu_limit: int | None, echo: Echo) -> int:
-    """Run a server and a worker per pool until Ctrl-C or until one of them exits; returns an exit code."""
-    if not is_loopback(host) and not os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
-        raise ValueError(f"--host {host} serves beyond this machine: set PREFECT_SERVER_API_AUTH_STRING=user:password "
-                         "(and PREFECT_API_AUTH_STRING for clients), or use infra/ for a shared server")
-    gpus = gpu_count()
-    gpu_limit = gpu_limit if gpu_limit is not None else max(1, gpus)
-    api = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
-           os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
-    if os.environ.get("PREFECT_SERVER_API_AUTH_STRING"):
-        env.setdefault("PREFECT_API_AUTH_STRING", os.environ["PREFECT_SERVER_API_AUTH_STRING"])
-    children: list[Child] = []
-    guard = None
-    try:
-        server = _start("server", prefect_command() + ["server", "start", "--host", host, "--port", str(port)], env)
-        children.append(server)
-        guard = die_with_me(groups=[server.process.pid])
-        echo(f"starting the Prefect server on {host}:{port} ...")
-        wait_healthy(api, 120, server.process)
-        os.environ["PREFECT_API_URL"] = api  # this process's client (pools) talks to it too
-        if "PREFECT_API_AUTH_STRING" in env:
-            os.environ["PREFECT_API_AUTH_STRING"] = env["PREFECT_API_AUTH_STRING"]
-        ensure_pools(gpu_limit, echo)
-        # The GPU worker takes one run more than there are GPU slots: GPU work holds a slot of
-        # the regdpo-gpu limit, and a stage run that fans its work items out (fan_out:
-        # deployments) waits for them without one, so it must not take the last run slot.
-        for pool, limit in ((CPU_POOL, cpu_limit), (GPU_POOL, gpu_limit + 1)):
-            child = _start(f"{pool} worker", prefect_command() + ["worker", "start", "--pool", pool, "--type", "process",
-                                                                   "--limit", str(limit)], env)
-            children.append(child)
-        guard.kill()  # replace the watchdog with one that guards every child
-        guard = die_with_me(groups=[c.process.pid for c in children])
-        echo(f"UI: {api.removesuffix('/api')}   workers: {CPU_POOL} (limit {cpu_limit}), {GPU_POOL} (limit "
-             f"{gpu_limit + 1}, {gpu_limit} GPU slot(s){', no GPU found' if not gpus else ''})")
-        echo(f"in another shell:  export PREFECT_API_URL={api}  &&  regdpo deploy   (Ctrl-C here stops everything)")
-        while True:
-            for child in children:
-                if child.process.poll() is not None:
-                    echo(f"the {child.name} exited with code {child.process.returncode}; stopping the others")
-                    return 1
-            time.sleep(1)
-    except KeyboardInterrupt:
-        echo("stopping the workers and the server ...")
-        return 0
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        terminate([], [c.process.pid for c in children])
-        for child in children:
-            child.process.wait()
-        if guard is not None:
-            guard.kill()
-            guard.wait()
+    @classmethod
+    def start_if_needed(cls, timeout_s: float | None = None) -> TemporaryServer | None:
+        """Start one (without waiting for it) unless a server is configured."""
+        if configured_api_url():
+            return None
+        server = cls(timeout_s)
+        server._spawn()
+        return server
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _env(self) -> dict[str, str]:
+        from prefect.settings import get_current_settings
+
+        env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
+               # what Prefect's own temporary server sets: no UI, the ephemeral set of services
+               "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        if self.db is not None:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.db}"
+        return env
+
+    def _spawn(self) -> None:
+        if self.db is not None and not self.db.exists():
+            if self.template is not None and self.template.is_file():
+                shutil.copyfile(self.template, self.db)
+            else:
+                self.fresh_template = True
+        self.port = free_port()
+        app_dir = str(Path(find_spec("prefect").origin).parent.parent)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env=self._env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own group: a terminal's Ctrl-C goes to the run, not to it
+        if self.guard is not None:
+            self.guard.kill()
+            self.guard.wait()
+        self.guard = die_with_me(groups=[self.process.pid], remove=[self.dir])
+
+    def _wait_once(self) -> bool:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if is_healthy(self.api_url):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def wait_ready(self) -> str:
+        """The API URL once the server answers; one retry on a fresh port; ServerStartError after that."""
+        for attempt in range(1, self.attempts + 1):
+            if self._wait_once():
+                if self.fresh_template and self.db is not None:
+                    _save_template(self.db, self.template)
+                return self.api_url
+            code = self.process.poll()
+            terminate([], [self.process.pid])
+            self.process.wait()
+            if attempt < self.attempts:
+                self._spawn()
+        why = (f"exited with code {code}" if code is not None
+               else f"did not answer within {self.timeout_s:.0f} s, {self.attempts} tries")
+        raise ServerStartError(
+            f"Prefect's temporary server {why} (a busy machine?): raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+            f"(e.g. {max(300, int(self.timeout_s) * 2)}), or start a server (regdpo serve) and set PREFECT_API_URL")
+
+    def output_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Stop the server and remove its files (its database with them)."""
+        if self.process is not None and self.process.poll() is None:
+            drain_clients()
+            terminate([], [self.process.pid])
+            self.process.wait()
+        if self.guard is not None:
+            self.guard.kill()
+            self.guard.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

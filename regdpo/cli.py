@@ -14,6 +14,8 @@ included), or the server at PREFECT_API_URL when that is set. `status` and `stag
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -68,6 +70,59 @@ def _report_path(cfg: Config) -> Path:
     return stage_dir(cfg.workdir, "evaluate") / "report.html"
 
 
+class _Interrupts:
+    """Ctrl-C and SIGTERM during `regdpo run`: the first becomes a KeyboardInterrupt in the main
+    thread (the flows end as Crashed on the server, a training torchrun is stopped, finished units
+    and checkpoints stay); a second Ctrl-C exits at once (the watchdog stops the server, trainers
+    die with their parent). A signal the shell told us to ignore (a script's background job)
+    stays ignored."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def name(self) -> str:
+        return {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}.get(self.signum, str(self.signum))
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            os.write(2, b"interrupted again: exiting now\n")
+            os._exit(128 + signum)
+        # SIGTERM again (Prefect re-sends the one it turned into a TerminationSignal): the cleanup goes on
+
+
+def _is_interrupt(err: BaseException) -> bool:
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(err, (KeyboardInterrupt, TerminationSignal))
+
+
+def _use_api(url: str) -> None:
+    """Point this process's Prefect clients (every thread's) at `url`."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+
+
+def _resume_command(config: Path, stages: list[str] | None, sets: list[str] | None) -> str:
+    """The command that carries on where an interrupted run stopped: without --force; a named unit
+    stage would be redone from scratch, so only whole stages (they resume under --stage) stay named."""
+    args = ["regdpo", "run", str(config)]
+    if stages and all(not STAGE[s].units for s in stages):
+        args += [a for s in stages for a in ("--stage", s)]
+    args += [a for item in sets or [] for a in ("--set", item)]
+    return shlex.join(args)
+
+
 @app.command()
 def run(
     config: ConfigArg,
@@ -91,21 +146,44 @@ def run(
 
     # Prefect reads its settings at import; the user's own values (PREFECT_API_URL, ...) win.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pipelines.flows import one_line, regdpo_pipeline
-    from pipelines.logs import hide_console_tracebacks
-    from pipelines.server import ensure_api
+    from pipelines.server import ServerStartError, TemporaryServer
 
-    if not debug:
-        hide_console_tracebacks()  # the run's logs on the server keep theirs
-    ensure_api(lambda line: typer.echo(line, err=True))
-    state = regdpo_pipeline(
-        config_path=str(config.resolve()),
-        stages=list(stage) if stage else None,
-        # Naming a stage is asking for it to run: `--stage evaluate` redoes evaluate alone.
-        force=force or bool(stage),
-        overrides=overrides or None,
-        return_state=True,
-    )
+    interrupts = _Interrupts()
+    interrupts.install()
+    server = None
+    try:
+        server = TemporaryServer.start_if_needed()  # it boots while the flows import
+        from pipelines.flows import one_line, regdpo_pipeline
+        from pipelines.logs import hide_console_tracebacks
+
+        if not debug:
+            hide_console_tracebacks()  # the run's logs on the server keep theirs
+        if server is not None:
+            _use_api(server.wait_ready())
+            typer.echo(f"Prefect: temporary server on {server.api_url.removesuffix('/api')} "
+                       "(stops with this run; PREFECT_API_URL selects yours)", err=True)
+        state = regdpo_pipeline(
+            config_path=str(config.resolve()),
+            stages=list(stage) if stage else None,
+            # Naming a stage is asking for it to run: `--stage evaluate` redoes evaluate alone.
+            force=force or bool(stage),
+            overrides=overrides or None,
+            return_state=True,
+        )
+    except ServerStartError as err:
+        if debug and server is not None:
+            typer.echo(server.output_tail(), err=True)
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=1)
+    except BaseException as err:
+        if interrupts.signum is None or not _is_interrupt(err):
+            raise
+        typer.echo(f"interrupted ({interrupts.name}): finished units and the last training checkpoint are kept; "
+                   f"resume with: {_resume_command(config, stage, set_)}", err=True)
+        raise typer.Exit(code=128 + interrupts.signum)
+    finally:
+        if server is not None:
+            server.stop()  # last: the runs were marked Crashed on it before
     if not state.is_completed():
         err = state.result(raise_on_failure=False)
         if debug and isinstance(err, BaseException):
@@ -227,7 +305,7 @@ def serve(
     Then, in another shell: export PREFECT_API_URL=http://127.0.0.1:4200/api; regdpo deploy.
     """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    from pipelines.server import serve as serve_all
+    from pipelines.serve import serve as serve_all
 
     try:
         code = serve_all(host, port, cpu_limit, gpu_limit, typer.echo)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from regdpo.train import distributed as D
 
 log = logging.getLogger("regdpo.train")
 PLAN_NAME, SUMMARY_NAME = ".launch.json", ".summary.json"
+STOP_GRACE_S = 10.0  # for torchrun to stop its ranks after SIGTERM; then SIGKILL
 
 
 def run_plan(plan: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +94,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM to torchrun's process group (torchrun and every rank), SIGKILL to what is left after
+    `grace_s`. Checkpoints on disk stay whole (each is written under a temporary name, then renamed)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun if it hangs, ranks it left behind
+    proc.wait()
+
+
 def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str, Any]:
     """torchrun with N processes on this machine; relays their output and progress; returns
     rank 0's summary or raises with the end of their output."""
@@ -105,20 +121,31 @@ def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str
            "-m", "regdpo.train.launch", "--plan", str(plan_path)]
     log.info("train: %s", " ".join(cmd[1:]))
     tail: collections.deque[str] = collections.deque(maxlen=40)
+    # Its own process group (torchrun and the ranks it starts): an interrupt of this process
+    # stops all of them through `_stop` instead of each rank catching the terminal's Ctrl-C on
+    # its own; and PR_SET_PDEATHSIG so a killed stage leaves no trainer behind.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=_die_with_parent, start_new_session=True)
+
+    stopping = threading.Event()
 
     def relay() -> None:
         for line in proc.stdout:
             tail.append(line.rstrip())
-            sys.stderr.write(line)
+            if not stopping.is_set():  # torchrun's report of the stop we asked for is noise
+                sys.stderr.write(line)
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
     seen = _count_lines(metrics)
-    while proc.poll() is None:
-        time.sleep(1.0)
-        seen = _relay_progress(metrics, seen, log_every)
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            seen = _relay_progress(metrics, seen, log_every)
+    except BaseException:  # an interrupt (Ctrl-C, SIGTERM, a cancelled run): stop the trainers, keep checkpoints
+        stopping.set()
+        _stop(proc)
+        raise
     reader.join(timeout=5)
     _relay_progress(metrics, seen, log_every)
     if proc.returncode != 0:
