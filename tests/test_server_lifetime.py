@@ -125,6 +125,12 @@ def test_a_failing_run_prints_one_line_and_no_traceback(tmp_path):
     errors = [ln for ln in out.stderr.splitlines() if "ERROR" in ln or ln.startswith("error:")]
     assert len(errors) <= 4, errors  # the task's state, the stage's reason, the command's line (+ the unit's own)
 
+    # the temporary server had a database of its own: Prefect's shared one under PREFECT_HOME (the
+    # one `regdpo serve` uses) was never written; the migrated template was kept for the next run
+    home = tmp_path / "prefect-home"
+    assert not (home / "prefect.db").exists()
+    assert [p.name for p in (home / "regdpo").glob("temporary-server-*.db")]
+
     debug = subprocess.run([str(REGDPO), "run", str(cfg), "--stage", "ingest", "--debug"], cwd=tmp_path,
                            env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert debug.returncode == 1 and "Traceback" in debug.stderr  # --debug shows it
@@ -274,3 +280,16 @@ def test_a_second_ctrl_c_exits_at_once_and_the_server_still_stops(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_temporary_server_that_does_not_start_ends_on_one_line(tmp_path):
+    cfg = _config(tmp_path, "a.mp4,one\n")
+    env = {**_env(tmp_path), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}  # no server starts in 1 s
+    out = subprocess.run([str(REGDPO), "run", str(cfg), "--stage", "ingest"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stdout + out.stderr
+    said = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert said == ["error: Prefect's temporary server did not answer within 1 s, 2 tries (a busy machine?): raise "
+                    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (e.g. 300), or start a server (regdpo serve) "
+                    "and set PREFECT_API_URL"], out.stderr[-3000:]
