@@ -5,9 +5,11 @@ runs its stage through `regdpo.stages.run` inside a task (retried on transient e
 shows the outputs as artifacts, and returns a small dict of paths, fingerprints and counts.
 Fingerprints, skipping and atomic publication are the library's (it never imports prefect).
 
-Failures: a user error (bad config, missing input, a manifest with nothing usable) is never
-retried and is reported as one line (`<stage> failed: <reason>`) with no traceback; an
-unexpected error is retried once and logs one traceback, from its task. The flows return a
+Failures: only a transient error (regdpo/errors.py: CUDA out of memory, a network filesystem
+hiccup, a lost API connection) is retried, once. A user error (bad config, missing input, a
+manifest with nothing usable) is reported as one line (`<stage> failed: <reason>`) with no
+traceback; any other error (a model that cannot load, a bug) fails at once and logs one
+traceback, from its task. The flows return a
 Failed state carrying the exception instead of re-raising it, so neither the stage flow nor
 the parent adds a traceback of its own; a direct call still raises the original exception.
 
@@ -42,6 +44,7 @@ from pipelines import artifacts, forksafe, slots  # noqa: E402
 from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
 from regdpo import stages as stage_lib  # noqa: E402
 from regdpo.config import Config, load_config  # noqa: E402
+from regdpo.errors import TransientError, is_transient  # noqa: E402
 from regdpo.stages.describe import reject_lines, summary_line  # noqa: E402
 from regdpo.stages.registry import STAGE, STAGE_LIST, Stage  # noqa: E402
 from regdpo.stages.runner import StageInputError  # noqa: E402
@@ -51,8 +54,9 @@ route_library_logs()
 forksafe.install()
 
 # Every stage retries a transient error (CUDA OOM on a shared GPU, an NFS hiccup) once: unit
-# stages keep the units they finished, train resumes from its last checkpoint. User errors
-# (USER_ERRORS) are never retried: a second attempt cannot fix a config or an input.
+# stages keep the units they finished, train resumes from its last checkpoint. Nothing else is
+# retried (regdpo.errors.is_transient): a second attempt cannot fix a config, an input, a model
+# or a bug. USER_ERRORS are reported as one line, without a traceback.
 RETRIES: int = 1
 RETRY_DELAY_S: float = 30.0
 USER_ERRORS: tuple[type[BaseException], ...] = (StageInputError, ValueError, stage_lib.WorkdirLocked,
@@ -73,16 +77,15 @@ def one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _failed(logger, what: str, err: BaseException) -> State:
+def _failed(logger, what: str, err: BaseException, *, traceback: bool = False) -> State:
     reason = f"{what} failed: {one_line(err)}"
-    logger.error(reason)
+    logger.error(reason, exc_info=err if traceback else None)
     return Failed(message=reason, data=err)
 
 
 def _retry_transient(task_, task_run, state) -> bool:
-    """Retry condition: not for errors a second attempt cannot fix."""
-    exc = state.result(raise_on_failure=False)
-    return not isinstance(exc, USER_ERRORS)
+    """Retry condition: only errors that can pass on their own."""
+    return is_transient(state.result(raise_on_failure=False))
 
 
 def _opts(task_):
@@ -152,9 +155,12 @@ def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage
                              timeout=0, idempotency_key=key)
     run = _wait_for_flow_run(created.id)
     if not run.state or not run.state.is_completed():
-        raise RuntimeError(f"work item {stage}-{index}: flow run {run.name} ended "
-                           f"{run.state.name if run.state else 'without a state'}: "
-                           f"{(run.state.message if run.state else '') or 'see its logs'}")
+        # Crashed: its worker or process died (a retry on a live worker can finish it); Failed:
+        # the work item itself failed there (e.g. the model does not load), which a retry repeats
+        error = TransientError if run.state and run.state.is_crashed() else RuntimeError
+        raise error(f"work item {stage}-{index}: flow run {run.name} ended "
+                    f"{run.state.name if run.state else 'without a state'}: "
+                    f"{(run.state.message if run.state else '') or 'see its logs'}")
     return {"flow_run": run.name}
 
 
@@ -169,9 +175,9 @@ def _wait_for_flow_run(flow_run_id, poll_s: float = 2.0, max_api_errors: int = 3
             with get_client(sync_client=True) as client:
                 run = client.read_flow_run(flow_run_id)
             errors = 0
-        except Exception:  # noqa: BLE001 - transient API trouble; the run itself goes on
+        except Exception as err:  # noqa: BLE001 - transient API trouble; the run itself goes on
             errors += 1
-            if errors > max_api_errors:
+            if errors > max_api_errors or not is_transient(err):
                 raise
             run = None
         if run is not None and run.state is not None and run.state.is_final():
@@ -188,8 +194,10 @@ class _TaskPool:
         self.cfg, self.name, self.fan_out = cfg, name, fan_out
         self.config_path, self.overrides, self.logger = config_path, overrides, logger
 
-    def map(self, items: list) -> None:
-        name, total_units = self.name, sum(len(i.units) for i in items)
+    def map(self, items: list, progress: Any = None) -> None:
+        """Every item as a task; `progress` (regdpo.stages.accounting.Progress) gives the line
+        logged as each one ends."""
+        name = self.name
         pool_key = uuid.uuid4().hex
         if self.fan_out == "local":
             pool = _POOLS[pool_key] = stage_lib.DevicePool(self.cfg, name)
@@ -204,7 +212,7 @@ class _TaskPool:
                 return _opts(dispatch_item_task).submit(self.config_path, self.overrides, name, i.index, i.to_dict())
         try:
             futures = [submit(i) for i in items[:window]]
-            done_units, errors = 0, []
+            errors = []
             for n, item in enumerate(items, start=1):
                 try:
                     futures[n - 1].result()
@@ -212,9 +220,8 @@ class _TaskPool:
                     errors.append(err)
                 if n - 1 + window < len(items):
                     futures.append(submit(items[n - 1 + window]))
-                done_units += len(item.units)
-                self.logger.info("%s: %d/%d work items, %d/%d units (%s)", name, n, len(items), done_units,
-                                 total_units, self.fan_out)
+                line = progress.item_done(item) if progress is not None else f"{name}: {n}/{len(items)} work items"
+                self.logger.info("%s (%s)", line, self.fan_out)
             if errors:
                 raise errors[0]
         finally:
@@ -239,8 +246,10 @@ def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, An
                                         command=f"regdpo flow {name} (workdir {cfg.workdir})"))
         else:
             out = _opts(run_stage_task)(cfg, name, force)
-    except Exception as err:  # noqa: BLE001 - a task logged the traceback, if any; report one line
-        return _failed(logger, name, err)
+    except Exception as err:  # noqa: BLE001 - report one line
+        # the traceback once, on the run's log, for what is neither a user error (the line says it
+        # all) nor a transient error that exhausted its retry (its task logged it)
+        return _failed(logger, name, err, traceback=not isinstance(err, USER_ERRORS) and not is_transient(err))
     if out["skipped"]:
         logger.info("%s: current (fingerprint %s), skipped: %s", name, out["fingerprint"], out["path"])
     else:

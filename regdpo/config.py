@@ -61,6 +61,10 @@ SEED: Any = Field(default=0, ge=0, lt=2**63)  # int64: every RNG takes it
 # classifier-free guidance: 1 = none; Wan uses ~5; far above, the sampler saturates or overflows
 GUIDANCE: Any = Field(default=5.0, ge=1, le=50, description="classifier-free guidance scale: 1 = none")
 FLOW_SHIFT: Any = Field(default=None, gt=0, le=100, description="the sampler's timestep shift (default: the model's)")
+# A unit stage publishes while at most this share of its units failed (and not all of them);
+# past it the stage fails, naming the reasons (regdpo/stages/accounting.py).
+MAX_FAILED: Any = runtime(0.1, ge=0, le=1, description="share of units that may fail with the stage still "
+                                                       "publishing (the rest; failed units are retried next run)")
 
 
 class LoraConfig(_Strict):
@@ -120,6 +124,7 @@ class IngestConfig(_Strict):
         default=False, description="follow symlinks in the manifest folder that point outside it")
     num_workers: int = runtime(1, ge=1, le=1024, description="decoding processes")
     work_item_size: int = runtime(32, ge=1, description="manifest rows per work item")
+    max_failed_fraction: float = MAX_FAILED
 
 
 class GenerateConfig(_Strict):
@@ -132,6 +137,7 @@ class GenerateConfig(_Strict):
     devices: list[str] | None = runtime(None, description="one process per device; default: every visible GPU, "
                                                           "else model.device")
     work_item_size: int = runtime(16, ge=1, description="clips per work item (a Prefect task, a device's turn)")
+    max_failed_fraction: float = MAX_FAILED
     seed: int = SEED
 
 
@@ -141,6 +147,7 @@ class EncodeConfig(_Strict):
     devices: list[str] | None = runtime(None, description="one process per device; default: every visible GPU, "
                                                           "else model.device")
     work_item_size: int = runtime(64, ge=1, description="pairs per work item")
+    max_failed_fraction: float = MAX_FAILED
     latent_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

@@ -20,12 +20,14 @@ from regdpo.stages.units import Staging, Unit, UnitStage, UnitWorker, content_ke
 
 
 class FakeWorker(UnitWorker):
-    def __init__(self, name: str, fail_ids: tuple[str, ...], device: str | None, delay_s: float):
+    def __init__(self, name: str, fail_ids: tuple[str, ...], device: str | None, delay_s: float,
+                 fail_with: BaseException | None = None):
         self.name, self.fail_ids, self.device, self.delay_s = name, fail_ids, device, delay_s
+        self.fail_with = fail_with
 
     def process(self, unit: Unit, out: Path) -> dict[str, Any]:
-        if unit.id in self.fail_ids:
-            raise RuntimeError(f"cannot do {unit.id}")
+        if unit.id in self.fail_ids or "*" in self.fail_ids:
+            raise self.fail_with or RuntimeError(f"cannot do {unit.id}")
         time.sleep(self.delay_s)
         (out / f"{unit.id}.txt").write_text(f"{self.name}:{unit.id}:{unit.key}")
         return {"item": unit.id, "pid": os.getpid(), "device": self.device,
@@ -33,11 +35,15 @@ class FakeWorker(UnitWorker):
 
 
 class FakeUnits(UnitStage):
+    """`fail_ids`: unit ids whose processing raises (`"*"`: every unit), with `fail_with` if given."""
+
     def __init__(self, name: str, calls: list[str] | None = None, fail_ids: tuple[str, ...] = (),
-                 size: int = 2, devices: list[str | None] | None = None, delay_s: float = 0.0):
+                 size: int = 2, devices: list[str | None] | None = None, delay_s: float = 0.0,
+                 fail_with: BaseException | None = None):
         self.name = name
         self.calls = calls if calls is not None else []
         self.fail_ids, self.size, self._devices, self.delay_s = fail_ids, size, devices or [None], delay_s
+        self.fail_with = fail_with
 
     def work_item_size(self, cfg) -> int:
         return self.size
@@ -57,7 +63,7 @@ class FakeUnits(UnitStage):
         return [Unit(i, content_key(self.name, i, shaping), {}) for i in ids], {}
 
     def open_worker(self, cfg, workdir: Path, device: str | None) -> UnitWorker:
-        return FakeWorker(self.name, self.fail_ids, device, self.delay_s)
+        return FakeWorker(self.name, self.fail_ids, device, self.delay_s, self.fail_with)
 
     def assemble(self, cfg, workdir, plan, results, new_keys, old, txn):
         folder = stage_folder(workdir, self.name)

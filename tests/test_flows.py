@@ -127,9 +127,14 @@ def test_wrong_model_path_fails_before_ingest_once_without_traceback(cfg_path, f
 
 @pytest.mark.prefect
 @pytest.mark.usefixtures("prefect_harness")
-def test_transient_errors_retry_once_user_errors_never_and_one_traceback_at_most(cfg_path, fake_builders,
-                                                                                 monkeypatch, caplog):
+def test_transient_errors_retry_once_permanent_ones_never_and_one_traceback_at_most(cfg_path, fake_builders,
+                                                                                     monkeypatch, caplog):
+    import errno
+
+    import torch
+
     import regdpo.stages
+    from regdpo.config import ConfigError
     from tests.fakes import fake_build
 
     monkeypatch.setattr(flows, "RETRY_DELAY_S", 0)
@@ -140,29 +145,36 @@ def test_transient_errors_retry_once_user_errors_never_and_one_traceback_at_most
     def with_train(build):
         monkeypatch.setattr(regdpo.stages, "get_impl", lambda name: build if name == "train" else real_get_impl(name))
 
-    def flaky(ctx):
-        attempts.append("train")
-        if len(attempts) == 1:
-            raise OSError("NFS hiccup")
-        return fake_build("train", [])(ctx)
+    def failing_once(error):
+        def build(ctx):
+            attempts.append("train")
+            if len(attempts) == 1:
+                raise error
+            return fake_build("train", [])(ctx)
+        return build
 
-    with_train(flaky)
-    out = flows.train_flow(config_path=str(cfg_path))
-    assert attempts == ["train", "train"] and not out["skipped"]
+    # errors that can pass on their own: retried once, and the retry succeeds
+    for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  OSError(errno.ESTALE, "Stale file handle")):
+        attempts.clear()
+        with_train(failing_once(error))
+        out = flows.train_flow(config_path=str(cfg_path))
+        assert attempts == ["train", "train"] and not out["skipped"], error
 
-    def bad_value(ctx):
-        attempts.append("train")
-        raise ValueError("a clip has no caption")
-
-    attempts.clear()
-    caplog.clear()
-    with_train(bad_value)
-    state = flows.regdpo_pipeline(config_path=str(cfg_path), stages=["train"], force=True, return_state=True)
-    assert attempts == ["train"]  # a user-input error is not retried
-    assert state.message == "train failed: a clip has no caption"
-    assert isinstance(state.result(raise_on_failure=False), ValueError)
-    assert _tracebacks(caplog) == []
-    assert "train failed: a clip has no caption" in [r.getMessage() for r in caplog.records]
+    # configuration, model and data errors: never retried
+    for error in (ValueError("a clip has no caption"), ConfigError("train.beta must be > 0"),
+                  NotImplementedError("image-to-video for this family"),
+                  FileNotFoundError(errno.ENOENT, "No such file or directory", "/models/wan/transformer")):
+        attempts.clear()
+        caplog.clear()
+        with_train(failing_once(error))
+        state = flows.regdpo_pipeline(config_path=str(cfg_path), stages=["train"], force=True, return_state=True)
+        assert attempts == ["train"], error
+        assert state.is_failed() and state.message.startswith("train failed: ")
+        assert type(state.result(raise_on_failure=False)) is type(error)
+        assert state.message in [r.getMessage() for r in caplog.records]
+        # a user error is its one line; anything else also leaves one traceback on the run's log
+        assert len(_tracebacks(caplog)) == (0 if isinstance(error, ValueError) else 1), error
 
     def bug(ctx):
         attempts.append("train")
@@ -173,8 +185,8 @@ def test_transient_errors_retry_once_user_errors_never_and_one_traceback_at_most
     with_train(bug)
     with pytest.raises(RuntimeError, match="index out of range"):
         flows.regdpo_pipeline(config_path=str(cfg_path), stages=["train"], force=True)
-    assert attempts == ["train", "train"]
-    assert len(_tracebacks(caplog)) == 1  # the task's, once retries are exhausted; not the flows'
+    assert attempts == ["train"]  # a bug is not retried either
+    assert len(_tracebacks(caplog)) == 1
 
 
 @pytest.mark.prefect
@@ -236,14 +248,19 @@ def test_fork_in_a_flow_run_exits_cleanly():
 
 
 def test_retry_condition():
+    import errno
+
+    import torch
     from prefect.states import Failed
 
     from regdpo.stages import WorkdirLocked
 
-    assert flows._retry_transient(None, None, Failed(data=OSError("CUDA out of memory")))
+    assert flows._retry_transient(None, None, Failed(data=torch.OutOfMemoryError("CUDA out of memory")))
+    assert flows._retry_transient(None, None, Failed(data=OSError(errno.ESTALE, "Stale file handle")))
     assert not flows._retry_transient(None, None, Failed(data=StageInputError("run ingest first")))
     assert not flows._retry_transient(None, None, Failed(data=ValueError("bad clip")))
     assert not flows._retry_transient(None, None, Failed(data=WorkdirLocked("held by pid 1")))
+    assert not flows._retry_transient(None, None, Failed(data=NotImplementedError("i2v")))
 
 
 def test_stage_flows_come_from_the_registry_with_described_parameters():

@@ -22,6 +22,7 @@ from regdpo.config import load_config
 from regdpo.data.shards import iter_pairs, read_index, shard_urls
 from regdpo.data.video import read_frames
 from regdpo.stages import plan, run
+from regdpo.stages.accounting import UnitsFailed
 from regdpo.stages.units import Staging
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -197,10 +198,10 @@ def test_unusable_generations_fail_their_unit(tmp_path, monkeypatch):
     # (whatever the cause, a non-finite generation must fail its unit, never be published).
     cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"guidance_scale": 1e38})})
     run(cfg, "ingest")
-    result = run(cfg, "generate")
-    assert result.summary["units_failed"] == 2 and result.summary["num_negatives"] == 0
-    assert all("non-finite" in f["reason"] for f in result.summary["failed"])
+    with pytest.raises(UnitsFailed, match=r"^2 of 2 units failed: 2 x the sampler produced non-finite"):
+        run(cfg, "generate")  # every unit failed: nothing is published
     assert not list((Path(cfg.workdir) / "negatives").glob("*.mp4"))
+    assert [f["id"] for f in Staging(Path(cfg.workdir), "generate").failures().values()] != []
 
 
 def test_folder_of_videos_with_txt_captions_and_jsonl(tmp_path):

@@ -114,8 +114,8 @@ class GenerateWorker(BatchedUnitWorker):
             if "error" in result:
                 continue
             problem = check_video(frames, ok)
-            if problem:
-                result["error"] = f"negative {k} (seed {u.spec['seeds'][k]}): {problem}"
+            if problem:  # the same words for every unit with the same problem, so failures group
+                result["error"] = problem if len(u.spec["seeds"]) == 1 else f"negative {k}: {problem}"
                 continue
             name = u.spec["names"][k]
             write_mp4(outs[u.key] / f"{name}.mp4", frames, video.fps)

@@ -35,6 +35,8 @@ _guard = threading.Lock()
 class WorkdirLocked(RuntimeError):
     """Another run holds the workdir; the message names it (pid, host, since, command)."""
 
+    transient = False  # regdpo/errors.py: fail at once naming the holder, never wait by retrying
+
 
 def _holder_text(info: dict) -> str:
     since = info.get("since")

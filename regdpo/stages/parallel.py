@@ -17,18 +17,26 @@ import multiprocessing as mp
 import queue
 import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 from regdpo.config import Config
+from regdpo.errors import is_transient
 from regdpo.stages.units import UnitStage, UnitWorker, WorkItem, process_item
 
 log = logging.getLogger(__name__)
 
 
 class WorkItemError(RuntimeError):
-    """A work item failed as a whole (its device process died, or the worker could not start)."""
+    """A work item failed as a whole (its device process died, or the worker could not start).
+
+    `transient` as the device process classified the error (regdpo/errors.py); a process that
+    died (the kernel's OOM killer, a lost GPU) may well live on a retry."""
+
+    def __init__(self, message: str, *, transient: bool):
+        super().__init__(message)
+        self.transient = transient
 
 
 def unit_stage(name: str) -> UnitStage:
@@ -47,8 +55,8 @@ def _device_main(cfg: Config, impl: UnitStage, workdir: str, device: str | None,
     try:
         worker = impl.open_worker(cfg, Path(workdir), device)
     except BaseException as err:
-        outbox.put(("error", f"could not start the {stage} worker on {device}: {type(err).__name__}: {err}",
-                    traceback.format_exc()))
+        outbox.put(("error", {"message": f"could not start the {stage} worker on {device}: {type(err).__name__}: {err}",
+                              "transient": is_transient(err)}, traceback.format_exc()))
         return
     outbox.put(("ready", None, None))
     try:
@@ -59,7 +67,8 @@ def _device_main(cfg: Config, impl: UnitStage, workdir: str, device: str | None,
             try:
                 outbox.put(("ok", process_item(worker, WorkItem.from_dict(msg), Path(workdir)), None))
             except BaseException as err:
-                outbox.put(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+                outbox.put(("error", {"message": f"{type(err).__name__}: {err}", "transient": is_transient(err)},
+                            traceback.format_exc()))
     finally:
         worker.close()
 
@@ -81,10 +90,11 @@ class _Proc:
                 kind, payload, tb = self.outbox.get(timeout=1.0)
             except queue.Empty:
                 if not self.proc.is_alive():
-                    raise WorkItemError(f"device process {self.device} died (exit code {self.proc.exitcode})") from None
+                    raise WorkItemError(f"device process {self.device} died (exit code {self.proc.exitcode})",
+                                        transient=True) from None
                 continue
             if kind == "error":
-                raise WorkItemError(f"{payload} [device {self.device}]\n{tb}")
+                raise WorkItemError(f"{payload['message']} [device {self.device}]\n{tb}", transient=payload["transient"])
             assert kind == expect, (kind, expect)
             return payload
 
@@ -146,14 +156,25 @@ class DevicePool:
         finally:
             self._free.put(slot)
 
-    def map(self, items: list[WorkItem]) -> list[dict[str, Any]]:
-        """Every item, all devices busy; the first failure is raised after the others finish."""
+    def map(self, items: list[WorkItem], progress: Any = None) -> list[dict[str, Any]]:
+        """Every item, all devices busy; the first failure is raised after the others finish.
+        `progress` (accounting.Progress) is told of each finished item and its line logged."""
         if not items:
             return []
-        if len(self.devices) == 1:
-            return [self.run(item) for item in items]
+        if len(self.devices) == 1:  # in this thread, one item after the other
+            results = []
+            for item in items:
+                try:
+                    results.append(self.run(item))
+                finally:
+                    if progress is not None:
+                        log.info("%s", progress.item_done(item))
+            return results
         with ThreadPoolExecutor(len(self.devices), thread_name_prefix=f"regdpo-{self.stage}") as ex:
-            futures = [ex.submit(self.run, item) for item in items]
+            futures = {ex.submit(self.run, item): item for item in items}
+            for future in as_completed(futures):
+                if progress is not None:
+                    log.info("%s", progress.item_done(futures[future]))
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
                 raise errors[0]

@@ -30,6 +30,7 @@ from regdpo.hashing import short_hash
 from regdpo.stages.lock import workdir_lock
 from regdpo.stages.journal import Transaction, pending_journals, recover
 from regdpo.stages.registry import STAGE, STAGES, get_stage
+from regdpo.stages.accounting import Progress, failures_line, reason_counts, reasons_text
 from regdpo.stages.units import StagePlan, Staging, UnitStage, make_plan, publish_plan
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ __all__ = ["STAGES", "BuildFn", "StageContext", "StageInputError", "StageResult"
 
 class StageInputError(RuntimeError):
     """A stage's inputs are missing or stale; the message says which stage to run first."""
+
+    transient = False  # regdpo/errors.py: running it again changes nothing
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,8 @@ def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[
             return "missing", "interrupted run present (resumes)"
         staged = Staging(Path(cfg.workdir), name).root
         if stage.units and staged.is_dir() and any(staged.iterdir()):
-            return "missing", "interrupted run present (finished units are kept)"
+            failed = _failed_text(cfg, name)
+            return "missing", failed or "interrupted run present (finished units are kept)"
         return "missing", ""
     try:
         if stage.units:
@@ -203,8 +207,10 @@ def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[
                 return "current", ""
             n_new = len(plan.pending) + len(plan.staged)
             dropped = plan.published_fingerprint != plan.fingerprint and not n_new
-            return "stale", (f"{n_new} of {len(plan.units)} units to do" if n_new
-                             else "units to drop from the published tables" if dropped else "to publish")
+            why = (f"{n_new} of {len(plan.units)} units to do" if n_new
+                   else "units to drop from the published tables" if dropped else "to publish")
+            failed = _failed_text(cfg, name, {u.key for u in plan.pending})
+            return "stale", f"{why}; {failed}" if failed else why
         fingerprint, _ = expected_fingerprint(cfg, name)
     except StageInputError:
         return "stale", "its inputs are missing"
@@ -213,6 +219,15 @@ def stage_state(cfg: Config, name: str, impl: UnitStage | None = None) -> tuple[
     if rec["fingerprint"] != fingerprint:
         return "stale", "settings or inputs changed since it ran"
     return "current", ""
+
+
+def _failed_text(cfg: Config, name: str, keys: set[str] | None = None) -> str:
+    """`N failed in the last run: <counted reasons>` from the unit failure notes in staging
+    (those of `keys` only, when given); "" when there are none."""
+    notes = [f for k, f in Staging(Path(cfg.workdir), name).failures().items() if keys is None or k in keys]
+    if not notes:
+        return ""
+    return f"{len(notes)} failed in the last run: {reasons_text(reason_counts(notes))}"
 
 
 def run_stage(cfg: Config, name: str, impl: StageImpl | None = None, *, force: bool = False,
@@ -247,17 +262,24 @@ def _run_units(cfg: Config, name: str, impl: UnitStage, force: bool, pool: Any) 
         rec = read_stage_record(workdir, name) or {}
         return StageResult(name, stage_dir(workdir, name), plan.fingerprint, True, rec.get("summary", {}))
     todo = sum(len(item.units) for item in plan.work_items)
-    log.info("%s: %d units: %d reused, %d finished earlier, %d to do in %d work items", name, len(plan.units),
+    num_units = len({u.key for u in plan.units})
+    log.info("%s: %d units: %d reused, %d finished earlier, %d to do in %d work items", name, num_units,
              len(plan.reused), len(plan.staged), todo, len(plan.work_items))
     if plan.work_items:
+        progress = Progress(name, num_units, len(plan.reused) + len(plan.staged), plan.work_items, staging)
         if pool is not None:
-            pool.map(plan.work_items)
+            pool.map(plan.work_items, progress=progress)
         else:
             from regdpo.stages.parallel import DevicePool
 
             with DevicePool(cfg, name, workdir, impl=impl) as own:
-                own.map(plan.work_items)
-    return publish_stage(cfg, plan, impl=impl, seconds=time.perf_counter() - start)
+                own.map(plan.work_items, progress=progress)
+    result = publish_stage(cfg, plan, impl=impl, seconds=time.perf_counter() - start)
+    failed = result.summary.get("units_failed", 0)
+    if failed:
+        log.warning("%s: %s; published the other %d", name,
+                    failures_line(failed, num_units, result.summary.get("failure_reasons", {})), num_units - failed)
+    return result
 
 
 def _run_whole(cfg: Config, name: str, build: BuildFn, force: bool) -> StageResult:

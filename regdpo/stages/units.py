@@ -15,7 +15,10 @@ every setting that shapes it, the base-model fingerprint and the seed. Then:
    journaled transaction (journal.py). The stage fingerprint is the hash of the published keys.
 
 Failed units (an exception in one clip) are recorded with their reason, left out of the
-published tables, counted in stage.json, and retried by the next run.
+published tables, counted in stage.json, and retried by the next run. A stage publishes only
+while its failed units are at most `<stage>.max_failed_fraction` of its units and not all of
+them; past that it fails with one line that counts the reasons (`UnitsFailed`), publishes
+nothing, and keeps every finished unit for the next run.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import pandas as pd
 
 from regdpo.config import Config
 from regdpo.durable import TMP_MARK, atomic_write_json, tmp_name
+from regdpo.errors import is_transient
+from regdpo.stages.accounting import check_failures, first_line, reason_counts
 from regdpo.hashing import short_hash
 from regdpo.progress import ProgressLog
 from regdpo.stages.journal import Transaction
@@ -131,8 +136,16 @@ class Staging:
             shutil.rmtree(tmp, ignore_errors=True)
         (self.root / f"{unit.key}.failed.json").unlink(missing_ok=True)
 
-    def fail(self, unit: Unit, reason: str) -> None:
-        atomic_write_json(self.root / f"{unit.key}.failed.json", {"id": unit.id, "key": unit.key, "reason": reason})
+    def fail(self, unit: Unit, reason: str, *, transient: bool = False, details: str = "") -> None:
+        """Record why a unit failed (`details`: e.g. the traceback, kept here and not in the log)."""
+        atomic_write_json(self.root / f"{unit.key}.failed.json", {"id": unit.id, "key": unit.key, "reason": reason,
+                                                                   "transient": transient, "details": details})
+
+    def failure(self, key: str) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.root / f"{key}.failed.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def read(self, key: str) -> dict[str, Any]:
         return json.loads((self.root / key / "unit.json").read_text())
@@ -175,6 +188,11 @@ class UnitWorker(ABC):
         pass
 
 
+class UnusableResult(ValueError):
+    """A unit was processed but its result is unusable (a non-finite generation); the message
+    is the reason recorded for it."""
+
+
 class BatchedUnitWorker(UnitWorker):
     """A worker that does several units per call (one denoiser or VAE call for `batch_size`
     units). A batch that raises is redone one unit at a time, so only the bad unit fails; a
@@ -193,7 +211,7 @@ class BatchedUnitWorker(UnitWorker):
     def process(self, unit: Unit, out: Path) -> dict[str, Any]:
         result = self.process_units([unit], {unit.key: out})[unit.key]
         if "error" in result:
-            raise ValueError(result["error"])
+            raise UnusableResult(result["error"])
         return result
 
     def process_batch(self, units: list[Unit], staging: Staging, progress: ProgressLog | None = None
@@ -222,6 +240,7 @@ class BatchedUnitWorker(UnitWorker):
                 result = results[u.key]
                 if "error" in result:
                     shutil.rmtree(outs[u.key], ignore_errors=True)
+                    log.warning("%s: unit %s failed: %s", staging.root.name, u.id, result["error"])
                     staging.fail(u, result["error"])
                     counts["failed"] += 1
                 else:
@@ -242,9 +261,10 @@ def run_one(worker: UnitWorker, unit: Unit, staging: Staging) -> bool:
         result = worker.process(unit, out)
     except Exception as err:  # one clip must not stop the batch: its reason is published
         shutil.rmtree(out, ignore_errors=True)
-        log.error("%s: unit %s failed: %s: %s\n%s", staging.root.name, unit.id, type(err).__name__, err,
-                  traceback.format_exc(limit=-3))
-        staging.fail(unit, f"{type(err).__name__}: {err}")
+        reason = str(err) if isinstance(err, UnusableResult) else f"{type(err).__name__}: {err}"
+        # one line per unit; the traceback goes into the unit's failure note (.staging/<stage>/<key>.failed.json)
+        log.warning("%s: unit %s failed: %s", staging.root.name, unit.id, first_line(reason))
+        staging.fail(unit, reason, transient=is_transient(err), details=traceback.format_exc(limit=-8))
         return False
     result.setdefault("seconds", round(time.perf_counter() - start, 3))
     staging.finish(out, unit, result)
@@ -283,6 +303,10 @@ class UnitStage(ABC):
 
     def devices(self, cfg: Config) -> list[str | None]:
         return [None]
+
+    def max_failed_fraction(self, cfg: Config) -> float:
+        """The share of units that may fail with the stage still publishing (accounting.py)."""
+        return getattr(cfg, self.name).max_failed_fraction
 
 
 # ---- the published index ------------------------------------------------------------------
@@ -369,6 +393,8 @@ def publish_plan(impl: UnitStage, cfg: Config, workdir: Path, plan: StagePlan, r
             results[u.key] = staging.read(u.key)
             new_keys.add(u.key)
     failures = {k: f for k, f in staging.failures().items() if k in wanted_keys and k not in results}
+    check_failures(impl.name, len(wanted_keys), list(failures.values()), impl.max_failed_fraction(cfg),
+                   where=f"{staging.root}/*.failed.json")
 
     folder = stage_folder(workdir, impl.name)
     txn = Transaction(workdir, impl.name)
@@ -378,7 +404,8 @@ def publish_plan(impl: UnitStage, cfg: Config, workdir: Path, plan: StagePlan, r
         summary = {**summary, "units_done": len(new_keys & kept), "units_reused": len(plan.reused & kept),
                    "units_failed": len(failures)}
         if failures:
-            summary["failed"] = [{"id": f["id"], "reason": f["reason"]} for f in list(failures.values())[:20]]
+            summary["failure_reasons"] = reason_counts(list(failures.values()))
+            summary["failed"] = [{"id": f["id"], "reason": first_line(f["reason"])} for f in list(failures.values())[:20]]
         txn.write_bytes(folder / INDEX_NAME, _index_bytes({k: results[k] for k in sorted(kept)}))
         record = {"stage": impl.name, "fingerprint": fingerprint, "planned_fingerprint": plan.fingerprint,
                   **record_extra, "summary": summary, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
