@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ class FakeWorker(UnitWorker):
             raise self.fail_with or RuntimeError(f"cannot do {unit.id}")
         time.sleep(self.delay_s)
         (out / f"{unit.id}.txt").write_text(f"{self.name}:{unit.id}:{unit.key}")
+        torch = sys.modules.get("torch")  # imported here only if the process computes with torch
         return {"item": unit.id, "pid": os.getpid(), "device": self.device,
+                "threads": torch.get_num_threads() if torch is not None else None,
                 "files": {f"items/{unit.id}.txt": f"{unit.id}.txt"}}
 
 

@@ -140,6 +140,23 @@ def test_failed_unit_is_left_out_counted_and_retried(config_path):
     assert "failed" not in again.summary and not list(Staging(Path(cfg.workdir), "ingest").root.glob("*.failed.json"))
 
 
+def test_device_processes_compute_with_the_callers_thread_count(config_path, tmp_path):
+    """CPU kernels round differently with another intra-op thread count, so a device process
+    uses its caller's: an item's bytes do not depend on which process did it."""
+    import torch
+
+    _manifest(config_path, ["a", "b", "c", "d"])
+    cfg = _cfg(config_path)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # not the default of a fresh process
+        run_stage(cfg, "ingest", FakeUnits("ingest", size=1, devices=["cpu:a", "cpu:b"]))
+    finally:
+        torch.set_num_threads(threads)
+    index = read_index(Path(cfg.workdir), "ingest")
+    assert len({r["pid"] for r in index.values()}) == 2 and {r["threads"] for r in index.values()} == {1}
+
+
 def test_downstream_unit_stage_needs_its_input(config_path):
     with pytest.raises(StageInputError, match="run ingest first"):
         run_stage(_cfg(config_path), "generate", FakeUnits("generate"))

@@ -375,9 +375,8 @@ class WanSpec(VideoModelSpec):
         (2B rows: conditional then unconditional), as WanPipeline / WanImageToVideoPipeline
         compute it. Each video's starting noise comes from its own CPU generator, so video i
         is determined by (prompt i, seeds[i], settings): the same batch gives the same bytes, and
-        another batch composition changes it only by the float rounding of batched kernels (at
-        most one uint8 level after decoding). The generate stage forms its batches within work
-        items, so with the same work_item_size any number of workers reproduces one worker's bytes.
+        another batch composition changes it only by the float rounding of batched kernels (the
+        contract is stated and tested with the generate stage, regdpo/stages/generate.py).
         With `return_latents`, also the final normalised latents (B, C, F', H', W')."""
         if len(prompts) != len(seeds):
             raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")

@@ -8,11 +8,26 @@ Reads ingest/clips.parquet; publishes `<workdir>/negatives/`:
 
 One unit per clip (its K negatives), keyed by the clip, its caption, the sampler settings, the
 base model (model settings + its files) and the seed. Text-to-video conditions on the caption;
-image-to-video also on the real clip's first frame. Each negative's seed comes from
-(generate.seed, clip_id, k), and the sampler draws each video's noise from its own generator,
-so a negative depends neither on the batch it was sampled in nor on which device or machine
-did it. Several clips share each denoiser call (generate.batch_size videos, classifier-free
-guidance batched in). A video that comes out non-finite or constant fails its unit.
+image-to-video also on the real clip's first frame. Several clips share each denoiser call
+(generate.batch_size videos, classifier-free guidance batched in). A video that comes out
+non-finite or constant fails its unit.
+
+Reproducibility. Each negative's seed comes from (generate.seed, clip_id, k) and the sampler
+draws each video's starting noise from its own generator, so a negative is a function of its
+clip, caption, seed, settings and model. What is equal, exactly:
+- Bytes: the same negatives (mp4 files, and the pairs encode makes of them) for the same batch
+  composition (generate.batch_size and work_item_size: batches are formed within work items),
+  on the same kind of device and software with the same intra-op thread count, whatever the
+  number of device processes or machines, which of them did which item, and the load. Device
+  processes compute with their caller's thread count (parallel.py) for this reason.
+- Within float rounding: the latents across batch compositions and thread counts. Batched
+  kernels round differently: on CPU in float32 a negative's latents move by at most 1e-5
+  (measured 7.2e-7 at |latent| <= 5.1, the same under a CPU hog on every core), the decoded
+  frames by at most one uint8 level before compression. The stored h264 (crf 15) is lossy:
+  where a one-level change moves the encoder's decisions, pixels of the mp4 can differ by
+  several levels (4 and 8 seen), so negatives from other batch compositions are the same
+  samples, not the same bytes. A wrong seed or another clip's caption moves the latents by
+  orders of magnitude more (tests/test_pairs_at_scale.py checks both).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import queue
+import sys
 import threading
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -48,8 +49,23 @@ def unit_stage(name: str) -> UnitStage:
     return impl
 
 
-def _device_main(cfg: Config, impl: UnitStage, workdir: str, device: str | None, inbox, outbox) -> None:
-    """A device process: open the worker once, then do work items until told to stop."""
+def _intra_op_threads() -> int | None:
+    """This process's torch intra-op thread count, if torch is in use here."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
+
+
+def _device_main(cfg: Config, impl: UnitStage, workdir: str, device: str | None, inbox, outbox,
+                 num_threads: int | None = None) -> None:
+    """A device process: open the worker once, then do work items until told to stop.
+
+    It computes with the caller's intra-op thread count: CPU kernels (the VAE decode) round
+    differently with another, so the bytes would depend on whether an item ran here or in the
+    caller (the reproducibility contract in regdpo/stages/generate.py)."""
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
     stage = impl.name
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {stage}[{device}] %(message)s")
     try:
@@ -79,7 +95,8 @@ class _Proc:
     def __init__(self, ctx, cfg: Config, impl: UnitStage, workdir: Path, device: str | None):
         self.device = device
         self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=_device_main, args=(cfg, impl, str(workdir), device, self.inbox, self.outbox),
+        self.proc = ctx.Process(target=_device_main, args=(cfg, impl, str(workdir), device, self.inbox, self.outbox,
+                                                           _intra_op_threads()),
                                 daemon=True, name=f"regdpo-{impl.name}-{device}")
         self.proc.start()
         self._wait("ready")
