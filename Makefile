@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install test demo serve clean
+.PHONY: install test test-loaded demo serve clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q tests
+
+# The suite with a CPU hog on every core (bounded by REGDPO_LOADED_TIMEOUT_S, default 90 min;
+# the hogs stop with it, on Ctrl-C too): tests/loaded.py.
+test-loaded: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) tests/loaded.py -- -q tests
 
 demo: $(STAMP)
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/regdpo run configs/demo.yaml
