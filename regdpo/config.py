@@ -285,17 +285,67 @@ class FeatureExtractorConfig(_Strict):
         return self
 
 
+class ScorerConfig(_Strict):
+    """A number computed on every evaluation sample and its caption (regdpo/eval/scorers.py):
+    `world`, the synthetic world's rule-based quality score (regdpo/world), or `callable`, your
+    own function `(video uint8 (F, H, W, 3), caption) -> number` (or a mapping of names to
+    numbers) from a local Python file (`path`) or an importable `module`, never unpickled. With
+    `options`, `function(**options)` is called once and must return that scorer (e.g. a reward
+    model that loads its checkpoint once). The report gives base, tuned and the change with an
+    interval over the sampled captions."""
+
+    kind: Literal["world", "callable"]
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$",
+                             description="the metric's name in the report (default: world, or the function's name)")
+    path: str | None = Field(default=None, description="callable: a .py file (relative to the config file)")
+    module: str | None = Field(default=None, description="callable: an importable module, e.g. mypkg.rewards")
+    function: str | None = Field(default=None, description="callable: the function (or factory) in it")
+    options: dict[str, Any] | None = Field(default=None, description="callable: keyword arguments of the factory")
+    better: Literal["higher", "lower"] = "higher"
+
+    @model_validator(mode="after")
+    def _source(self) -> "ScorerConfig":
+        given = [k for k in ("path", "module", "function", "options") if getattr(self, k) is not None]
+        if self.kind == "world":
+            if given:
+                raise ValueError(f"evaluate.scorers: kind world takes no {', '.join(given)} (those are for kind callable)")
+            if self.better != "higher":
+                raise ValueError("evaluate.scorers: the world score is better when higher; remove `better`")
+            return self
+        if self.function is None or not self.function.isidentifier():
+            raise ValueError("evaluate.scorers: kind callable needs `function`, the name of the function in the file "
+                             "or module")
+        if (self.path is None) == (self.module is None):
+            raise ValueError("evaluate.scorers: kind callable needs exactly one of `path` (a .py file) or `module` "
+                             "(an importable module name)")
+        if self.path is not None and not self.path.endswith(".py"):
+            raise ValueError(f"evaluate.scorers: path must be a Python file (.py); got {self.path!r}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return self.name or ("world" if self.kind == "world" else str(self.function))
+
+
 class EvaluateConfig(_Strict):
     timesteps: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
     seed: int = Field(default=1234, ge=0, lt=2**63)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     samples: EvalSamplesConfig = Field(default_factory=EvalSamplesConfig)
     feature_extractor: FeatureExtractorConfig = Field(default_factory=FeatureExtractorConfig)
+    scorers: list[ScorerConfig] = Field(default_factory=list,
+                                        description="numbers computed on each sample and its caption (world, callable)")
 
     @model_validator(mode="after")
     def _t(self) -> "EvaluateConfig":
         if not self.timesteps or any(not 0 < t < 1 for t in self.timesteps):
             raise ValueError("evaluate.timesteps must be a non-empty list of values strictly between 0 and 1")
+        if self.scorers and self.samples.num_samples == 0:
+            raise ValueError("evaluate.scorers score samples, but evaluate.samples.num_samples is 0; set it >= 1")
+        names = [s.metric for s in self.scorers]
+        if len(set(names)) < len(names):
+            raise ValueError(f"evaluate.scorers: two scorers are named alike ({', '.join(names)}); give each a "
+                             "distinct `name`")
         return self
 
 
@@ -381,6 +431,10 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         sec = raw.get(section)
         if isinstance(sec, dict) and isinstance(sec.get(key), str):
             raw[section] = {**sec, key: fix(sec[key])}
+    ev = raw.get("evaluate")
+    if isinstance(ev, dict) and isinstance(ev.get("scorers"), list):
+        raw["evaluate"] = {**ev, "scorers": [{**s, "path": fix(s["path"])} if isinstance(s, dict) and
+                                             isinstance(s.get("path"), str) else s for s in ev["scorers"]]}
     return raw
 
 

@@ -113,6 +113,28 @@ def test_error_pass_builds_only_the_denoiser(trained_lora, tmp_path, monkeypatch
     assert "No samples" in (cfg.workdir_path / "eval" / "report.md").read_text()
 
 
+def test_a_user_scorer_appears_in_the_report_with_an_interval(trained_lora, tmp_path):
+    """evaluate.scorers with the user's own (video, caption) -> number from a local file: a verdict
+    row with an interval in metrics.json and the report, per-sample numbers beside them."""
+    (tmp_path / "reward.py").write_text("def redness(video, caption):\n    return float(video[..., 0].mean())\n")
+    trained = trained_lora
+    scorer = {"kind": "callable", "path": str(tmp_path / "reward.py"), "function": "redness", "name": "red"}
+    cfg = trained.model_copy(update={"workdir": str(tmp_path / "w"), "evaluate": trained.evaluate.model_validate(
+        {**trained.evaluate.model_dump(), "scorers": [scorer]})})
+    shutil.copytree(trained.workdir_path, cfg.workdir_path)
+    runner.run_stage(cfg, "evaluate", evaluate_stage.build, force=True)
+    ev = cfg.workdir_path / "eval"
+    row = next(v for v in json.loads((ev / "metrics.json").read_text())["verdicts"] if v["metric"] == "scorer:red")
+    assert row["interval"]["n"] == 1 and row["unit"] == "samples"  # one held-out caption sampled
+    scores = [json.loads(ln) for ln in (ev / "sample_scores.jsonl").read_text().splitlines()]
+    assert [r["video"] for r in scores] == ["real", "base", "tuned"] and all("red" in r for r in scores)
+    report = (ev / "report.md").read_text()
+    assert "sample score red" in report and "## Sample scores" in report
+    # its line in the verdict table carries the interval's cell ("none (1 pair ...)" for one caption)
+    line = next(ln for ln in report.splitlines() if ln.startswith("| sample score red"))
+    assert "none (1 pair: no interval is possible)" in line
+
+
 def test_sample_settings_are_evaluations_own():
     """Changing evaluation's sampler redoes evaluation only, never the negatives."""
     from regdpo.config import config_from_dict

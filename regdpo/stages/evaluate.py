@@ -4,6 +4,7 @@ Reads shards/ (heldout split), train/ (final weights, metrics.jsonl, config.yaml
 real held-out clips in ingest/clips/. Writes into eval/:
   metrics.json            every number, with intervals and verdicts (regdpo/eval/metrics.py)
   pair_errors.jsonl       the raw denoising errors, one line per (pair, t)
+  sample_scores.jsonl     with evaluate.scorers: every scorer's numbers per sample (real, base, tuned)
   report.md, report.html  the report (the HTML embeds its images and the sample video)
   training_curves.png, denoise_error.png, samples.png, samples.mp4
   samples/<clip_id>-{base,tuned}.mp4
@@ -17,7 +18,7 @@ Two passes:
 2. Samples (loads the VAE and the text encoder): base and tuned generate for the first
    `evaluate.samples.num_samples` held-out captions with the same seed per caption, with
    evaluation's own sampler settings; then the Fréchet distance and temporal consistency
-   against the real clips.
+   against the real clips, and the sample scorers (evaluate.scorers) on real, base and tuned.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from regdpo.eval.metrics import latent_separation, pair_errors, summarize
 from regdpo.eval.plots import load_metrics, plot_denoise_error, plot_training_curves
 from regdpo.eval.report import doc_link, toy_warning, write_report
 from regdpo.eval.samples import SampleSet, write_contact_sheet, write_sample_grid
+from regdpo.eval.scorers import load_scorers, score_blocks, score_samples
 from regdpo.hashing import derive_seed
 from regdpo.models.base import LORA_WEIGHT_NAME
 from regdpo.progress import ProgressLog
@@ -50,6 +52,7 @@ from regdpo.stages.runner import StageContext
 
 MODELS = ("base", "tuned")
 log = logging.getLogger(__name__)
+MAX_SHOWN = 8  # samples drawn in samples.png and samples.mp4
 
 
 class BaseAndTuned:
@@ -211,6 +214,7 @@ def build(ctx: StageContext) -> dict[str, Any]:
     summary["latent_separation"] = latent_separation(pairs)
 
     toy_note = toy_warning(cfg.model.preset, models.num_parameters)
+    scorers = load_scorers(ev.scorers, fps=cfg.video.fps)  # a broken scorer fails before any sampling
     sets = _generate_samples(models, cfg, workdir, pairs, out)
     plots = {"training": "training_curves.png", "denoise": "denoise_error.png"}
     files: dict[str, str] = {}
@@ -222,8 +226,16 @@ def build(ctx: StageContext) -> dict[str, Any]:
         summary["sample_metrics"] = {k: v for k, v in m.items() if k != "verdicts"}
         summary["verdicts"] = summary["verdicts"] + m["verdicts"]
         note = "toy-sized model: its samples are not expected to look like video" if toy_note else ""
-        plots["samples"] = write_contact_sheet(sets, out / "samples.png", note=note).name
-        files["grid"] = write_sample_grid(sets, out / "samples.mp4", cfg.video.fps).name
+        # every sample is measured; the sheet and the grid show the first few (64 rows are unreadable)
+        shown = sets[:MAX_SHOWN]
+        plots["samples"] = write_contact_sheet(shown, out / "samples.png", note=note).name
+        files["grid"] = write_sample_grid(shown, out / "samples.mp4", cfg.video.fps).name
+    if sets and scorers:
+        scored = score_samples(scorers, [{"clip_id": s.clip_id, "caption": s.caption, "videos": s.videos} for s in sets],
+                               num_resamples=boot.num_resamples, confidence=boot.confidence, seed=boot.seed)
+        (out / "sample_scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scored["rows"]))
+        summary["sample_scores"] = {"num_samples": scored["num_samples"], "metrics": scored["metrics"]}
+        summary["verdicts"] = summary["verdicts"] + scored["verdicts"]
     train_rows, unread = load_metrics(workdir / "train" / "metrics.jsonl")
     summary["headline"] = decide(summary["verdicts"], train_rows).as_dict()
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -235,6 +247,9 @@ def build(ctx: StageContext) -> dict[str, Any]:
         toy_note=toy_note, beta=cfg.train.beta, train_rows=train_rows, unread_lines=unread, plots=plots,
         samples=[{"clip_id": s.clip_id, "caption": s.caption, "seed": s.seed, "tuned_vs_base": s.tuned_vs_base()}
                  for s in sets], sample_files=files, experiment_doc=doc_link("EXPERIMENT.md", workdir / "eval"))
+    if "sample_scores" in summary:
+        at = next(i for i, b in enumerate(blocks) if b.kind == "h2" and b.text == "Configuration")
+        blocks[at:at] = score_blocks(summary["sample_scores"])
     write_report(out, blocks)
     return {"headline": summary["headline"]["label"], "num_pairs": summary["num_pairs"],
             "implicit_acc": summary["implicit_acc"],
