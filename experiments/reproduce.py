@@ -14,99 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from experiments.runs import VARIANTS, Clock, copy_stages, dirname, make_config, quiet_worker, run_variants
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = Path(__file__).resolve().parent / "config.yaml"
-
-# name -> overrides of the train section; everything else is shared
-VARIANTS: dict[str, dict[str, Any]] = {
-    "dpo": {"objective": "dpo"},
-    "reg-dpo": {"objective": "reg-dpo", "r_mode": "dgr", "r_scale": 1.0},
-    "sft": {"objective": "sft"},
-    "reg-dpo-dgr/5": {"objective": "reg-dpo", "r_mode": "dgr", "r_scale": 0.2},
-    "reg-dpo-dgr/2": {"objective": "reg-dpo", "r_mode": "dgr", "r_scale": 0.5},
-    "reg-dpo-2dgr": {"objective": "reg-dpo", "r_mode": "dgr", "r_scale": 2.0},
-    "reg-dpo-r50": {"objective": "reg-dpo", "r_mode": "constant", "r_constant": 50.0},
-    "reg-dpo-r500": {"objective": "reg-dpo", "r_mode": "constant", "r_constant": 500.0},
-}
 WARMUP = {"objective": "sft", "finetune": "full", "max_steps": 1000}
 
 
-def _dirname(name: str) -> str:
-    return name.replace("/", "_")
-
-
 def _config(workdir: Path, extra: dict[str, Any], model_path: Path | None = None, train: dict[str, Any] | None = None):
-    from regdpo.config import load_config
-
-    overrides: dict[str, Any] = {"workdir": str(workdir), **extra}
-    if model_path is not None:
-        overrides.update({"model.preset": None, "model.path": str(model_path)})
-    overrides.update({f"train.{k}": v for k, v in (train or {}).items()})
-    return load_config(CONFIG, overrides)
-
-
-def _copy_stages(src: Path, dst: Path, names: tuple[str, ...]) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copytree(src / name, dst / name)
-
-
-def _quiet_worker() -> None:
-    # The tiny model's matrices are too small to gain from threads, and on a shared 2-core
-    # machine threads of parallel runs fight: one thread per process, runs side by side.
-    import torch
-
-    os.environ["TQDM_DISABLE"] = "1"
-    torch.set_num_threads(1)
-
-
-def run_variant(name: str, base: str, workdir: str, model_path: str | None, extra: dict[str, Any],
-                train: dict[str, Any]) -> dict[str, Any]:
-    """One variant: a copy of the base workdir's data stages, then train and evaluate."""
-    from regdpo.stages import run
-
-    start = time.perf_counter()
-    wd = Path(workdir)
-    shutil.rmtree(wd, ignore_errors=True)
-    _copy_stages(Path(base), wd, ("ingest", "negatives", "shards"))
-    cfg = _config(wd, extra, Path(model_path) if model_path else None, train)
-    out = {"name": name, "train": run(cfg, "train").summary}
-    out["evaluate"] = run(cfg, "evaluate").summary
-    out["seconds"] = round(time.perf_counter() - start, 1)
-    return out
-
-
-def _report_each(outcomes) -> list[dict[str, Any]]:
-    results = []
-    for res in outcomes:
-        print(f"  {res['name']}: {res['seconds']}s  {res['evaluate'].get('verdicts', {})}", flush=True)
-        results.append(res)
-    return results
-
-
-class Clock:
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.phases: list[tuple[str, float]] = []
-
-    def done(self, phase: str, t0: float) -> None:
-        seconds = time.perf_counter() - t0
-        self.phases.append((phase, round(seconds, 1)))
-        print(f"[{time.perf_counter() - self.start:7.1f}s] {phase}: {seconds:.1f}s", flush=True)
-
-    @property
-    def total(self) -> float:
-        return round(time.perf_counter() - self.start, 1)
+    return make_config(CONFIG, workdir, extra, model_path, train)
 
 
 def prepare(root: Path, extra: dict[str, Any], warmup_steps: int, calibrated: bool, clock: Clock
@@ -141,7 +64,7 @@ def prepare(root: Path, extra: dict[str, Any], warmup_steps: int, calibrated: bo
         model = warm_up_directory(cold, prep, models / "warm")
         clock.done("SFT warm-up", t)
     t = time.perf_counter()
-    _copy_stages(prep, base, ("ingest",))
+    copy_stages(prep, base, ("ingest",))
     final = _config(base, extra, model)
     for stage in ("generate", "encode"):
         run(final, stage)
@@ -172,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.steps is not None:
         extra["train.max_steps"] = args.steps
 
-    _quiet_worker()
+    quiet_worker()
     clock = Clock()
     root = args.out.resolve()
     shutil.rmtree(root, ignore_errors=True)
@@ -182,23 +105,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     facts["model"] = {"calibrated": not args.no_calibration, "warmup_steps": 0 if args.no_warmup else args.warmup_steps}
 
     t = time.perf_counter()
-    jobs = {n: dict(name=n, base=str(base), workdir=str(root / "variants" / _dirname(n)),
+    jobs = {n: dict(name=n, base_yaml=str(CONFIG), base=str(base), workdir=str(root / "variants" / dirname(n)),
                     model_path=str(model) if model else None, extra=extra, train=VARIANTS[n]) for n in names}
-    results = []
-    if args.workers == 0:  # in this process, one after the other (debugging, tests)
-        outcomes = (run_variant(**kw) for kw in jobs.values())
-        results = _report_each(outcomes)
-    else:
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn"),
-                                 initializer=_quiet_worker) as pool:
-            futures = [pool.submit(run_variant, **kw) for kw in jobs.values()]
-            results = _report_each(f.result() for f in futures)
+    results = run_variants(jobs, args.workers)
     clock.done(f"{len(names)} variants (train + evaluate, {args.workers} side by side)", t)
 
     from experiments.write_results import write_results
 
     t = time.perf_counter()
-    runs = {n: root / "variants" / _dirname(n) for n in names}
+    runs = {n: root / "variants" / dirname(n) for n in names}
     written = write_results(runs, args.docs.resolve(), facts, clock.phases, _config(base, extra, model))
     clock.done("tables and figures", t)
     print(f"total: {clock.total}s; results: {written}", flush=True)
