@@ -192,6 +192,6 @@ def score_blocks(scores: dict[str, Any]) -> list[Block]:
     described = {m.split(".", 1)[0]: v["description"] for m, v in scores["metrics"].items()}
     return [Block("h2", "Sample scores"),
             Block("p", f"Each scorer judged the {scores['num_samples']} sampled held-out captions' real clip and the base "
-                       "and tuned samples (same caption, same seed). Means with 95% intervals over the captions; the "
+                       "and tuned samples (same caption, same seed). Means with their intervals over the captions; the "
                        "change is paired per caption. " + " ".join(f"{k}: {d}." for k, d in described.items())),
             Block("table", header=["metric", "real clips", "base", "tuned", "change (tuned - base)", "want"], rows=rows)]
