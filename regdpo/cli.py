@@ -267,6 +267,28 @@ def stages() -> None:
 
 
 @app.command()
+def world(
+    out: Annotated[Path, typer.Argument(help="folder for the clips, manifest.csv and world.json (new or empty)",
+                                        show_default=False)],
+    num_clips: Annotated[int, typer.Option("--num-clips", "-n", min=1, help="how many clips")] = 256,
+    seed: Annotated[int, typer.Option(min=0, help="which world: clip i of a seed is always the same clip")] = 0,
+    size: Annotated[int, typer.Option(help="frame width and height in pixels (even, >= 16)")] = 32,
+    frames: Annotated[int, typer.Option(help="frames per clip")] = 9,
+    fps: Annotated[float, typer.Option(help="frames per second")] = 8.0,
+    max_objects: Annotated[int, typer.Option("--max-objects", help="shapes per clip: 1 to this")] = 2,
+) -> None:
+    """Write clips of the synthetic world (coloured shapes moving and bouncing, captions saying what
+    happens) as mp4 files and a manifest ingest reads: set ingest.manifest to the printed path."""
+    from regdpo.world import WorldSpec, write_world
+
+    try:
+        manifest = write_world(out, num_clips, seed=seed, spec=WorldSpec(size, frames, fps, max_objects))
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(str(manifest))
+
+
+@app.command()
 def compare(
     workdirs: Annotated[list[Path], typer.Argument(help="run workdirs (each with train/ and, ideally, eval/)",
                                                    show_default=False)],

@@ -176,3 +176,17 @@ def test_score_refuses_what_it_cannot_judge():
 def test_every_direction_reads_back(direction):
     sc = one_shape(direction=direction, speed="slowly", start=(16.0, 16.0))
     assert score_video(sc.render(), sc.caption(), SPEC.fps)["direction"] == 1.0
+
+
+def test_cli_writes_a_world(tmp_path):
+    from typer.testing import CliRunner
+
+    from regdpo.cli import app
+
+    result = CliRunner().invoke(app, ["world", str(tmp_path / "w"), "-n", "3", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(tmp_path / "w" / "manifest.csv")
+    assert [r.caption for r in read_manifest(tmp_path / "w" / "manifest.csv")] == [
+        s.caption() for s in scenes(WorldSpec(), 4, 3)]
+    bad = CliRunner().invoke(app, ["world", str(tmp_path / "v"), "--size", "15"])
+    assert bad.exit_code == 2 and "even number of pixels" in bad.output
