@@ -29,7 +29,7 @@ reproduced, and what happens now.
 |                                              | test_runner.py::test_replaced_model_weights_redo_model_stages              |
 | ~165-line errors                             | test_server_lifetime.py::test_a_failing_run_prints_one_line_and_no_traceback, |
 |                                              | test_cli.py::test_stage_input_problem_is_a_message_not_a_traceback,         |
-|                                              | test_flows.py::test_transient_errors_retry_once_user_errors_never_and_one_traceback_at_most |
+|                                              | test_flows.py::test_transient_errors_retry_once_permanent_ones_never_and_one_traceback_at_most |
 | orphaned temporary Prefect server            | test_server_lifetime.py::test_kill_9_of_regdpo_run_stops_its_temporary_server |
 
 Run: .venv/bin/python -m pytest -q tests/test_hardening.py
