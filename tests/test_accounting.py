@@ -63,6 +63,11 @@ def test_one_failed_unit_of_ten_publishes_nine_and_shows_it(config_path, caplog,
         result = run_stage(cfg, "ingest", FakeUnits("ingest", fail_ids=("j_mp4",), size=4))
     summary = read_stage_record(cfg.workdir, "ingest")["summary"]
     assert summary == result.summary
+    from pipelines.artifacts import summary_markdown  # what the run's Prefect artifact shows
+
+    artifact = summary_markdown({"stage": "ingest", "skipped": False, "seconds": result.seconds, "path": str(result.path),
+                                 "fingerprint": result.fingerprint, "summary": result.summary}, cfg.workdir)
+    assert "| units_failed | 1 |" in artifact and '"RuntimeError: cannot do j_mp4": 1' in artifact
     assert (summary["num_items"], summary["units_done"], summary["units_failed"]) == (9, 9, 1)
     assert summary["failure_reasons"] == {"RuntimeError: cannot do j_mp4": 1}
     messages = [r.getMessage() for r in caplog.records]

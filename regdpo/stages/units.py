@@ -42,6 +42,7 @@ from regdpo.stages.accounting import check_failures, first_line, reason_counts
 from regdpo.hashing import short_hash
 from regdpo.progress import ProgressLog
 from regdpo.stages.journal import Transaction
+from regdpo.stages.published_files import changed_units, record_files
 from regdpo.stages.registry import get_stage
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,8 @@ def make_plan(impl: UnitStage, cfg: Config, workdir: Path, *, force: bool = Fals
             unique.append(u)
     staging = Staging(workdir, impl.name)
     index = {} if force else read_index(workdir, impl.name)
-    changed = _changed_files(workdir, impl, {u.key: index[u.key] for u in unique if u.key in index})
+    changed = changed_units(stage_folder(workdir, impl.name), impl.name,
+                            {u.key: impl.public_files(index[u.key]) for u in unique if u.key in index})
     reused = {u.key for u in unique if u.key in index and u.key not in changed}
     staged = {u.key for u in unique if u.key not in reused and staging.is_done(u.key)}
     pending = [u for u in unique if u.key not in reused and u.key not in staged]
@@ -421,45 +423,5 @@ def publish_plan(impl: UnitStage, cfg: Config, workdir: Path, plan: StagePlan, r
         txn.abort()
         raise
     txn.commit()
-    _record_files(workdir, impl, {k: results[k] for k in kept})
+    record_files(folder, [rel for k in kept for rel in impl.public_files(results[k])])
     return fingerprint, summary
-
-
-# ---- what was published, as files (a file edited or replaced afterwards redoes its units) -------
-
-FILES_NAME = "files.json"
-
-
-def _stat(path: Path) -> list[int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
-def _record_files(workdir: Path, impl: UnitStage, results: dict[str, dict[str, Any]]) -> None:
-    """`<stage dir>/files.json`: size and mtime of every published file, to notice later edits."""
-    folder = stage_folder(workdir, impl.name)
-    stats = {rel: _stat(folder / rel) for r in results.values() for rel in impl.public_files(r)}
-    atomic_write_json(folder / FILES_NAME, stats, durable=False)
-
-
-def _changed_files(workdir: Path, impl: UnitStage, published: dict[str, dict[str, Any]]) -> set[str]:
-    """Keys of published units whose files are gone or no longer what was published."""
-    folder = stage_folder(workdir, impl.name)
-    try:
-        recorded = json.loads((folder / FILES_NAME).read_text())
-    except (OSError, ValueError):
-        recorded = {}
-    changed, current = set(), {}
-    for key, result in published.items():
-        for rel in impl.public_files(result):
-            if rel not in current:
-                current[rel] = _stat(folder / rel)
-            if current[rel] is None or (rel in recorded and recorded[rel] != current[rel]):
-                changed.add(key)
-    for rel in sorted({rel for key in changed for rel in impl.public_files(published[key])}):
-        log.warning("%s: %s is missing or changed since it was published; its units are redone",
-                    impl.name, folder / rel)
-    return changed
