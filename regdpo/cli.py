@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -113,12 +114,28 @@ def _use_api(url: str) -> None:
     refresh_global_settings_context()
 
 
-def _resume_command(config: Path, stages: list[str] | None, sets: list[str] | None) -> str:
-    """The command that carries on where an interrupted run stopped: without --force; a named unit
-    stage would be redone from scratch, so only whole stages (they resume under --stage) stay named."""
+def _published_since(workdir: str, name: str, since: float) -> bool:
+    from datetime import datetime
+
+    rec = read_stage_record(workdir, name) or {}
+    try:
+        return datetime.strptime(rec["finished_at"], "%Y-%m-%dT%H:%M:%S%z").timestamp() >= int(since)
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def _resume_command(config: Path, cfg: Config, stages: list[str] | None, force: bool, sets: list[str] | None,
+                    started: float) -> str:
+    """The command that carries on where an interrupted run stopped. A plain run: the same command
+    (current stages are skipped, finished units reused). A redo (`--stage`, `--force`): the stages
+    it had not published yet, named (a named stage is redone; the redo that was interrupted keeps
+    the units it finished, and training resumes from its checkpoint)."""
     args = ["regdpo", "run", str(config)]
-    if stages and all(not STAGE[s].units for s in stages):
-        args += [a for s in stages for a in ("--stage", s)]
+    if stages or force:
+        requested = order(stages or None)
+        left = [s for s in requested if not _published_since(cfg.workdir, s, started)] or requested
+        args += ["--force"] if force and not stages and left == requested else \
+            [a for s in left for a in ("--stage", s)]
     args += [a for item in sets or [] for a in ("--set", item)]
     return shlex.join(args)
 
@@ -136,6 +153,7 @@ def run(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks (Prefect's and this command's)")] = False,
 ) -> None:
     """Run the pipeline through Prefect (current stages are skipped), or rerun the named stages."""
+    started = time.time()
     overrides = _parse_sets(set_)
     cfg = _load(config, overrides)
     try:
@@ -179,7 +197,7 @@ def run(
         if interrupts.signum is None or not _is_interrupt(err):
             raise
         typer.echo(f"interrupted ({interrupts.name}): finished units and the last training checkpoint are kept; "
-                   f"resume with: {_resume_command(config, stage, set_)}", err=True)
+                   f"resume with: {_resume_command(config, cfg, stage, force, set_, started)}", err=True)
         raise typer.Exit(code=128 + interrupts.signum)
     finally:
         if server is not None:

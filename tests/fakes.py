@@ -29,7 +29,9 @@ class FakeWorker(UnitWorker):
     def process(self, unit: Unit, out: Path) -> dict[str, Any]:
         if unit.id in self.fail_ids or "*" in self.fail_ids:
             raise self.fail_with or RuntimeError(f"cannot do {unit.id}")
-        time.sleep(self.delay_s)
+        deadline = time.monotonic() + self.delay_s
+        while time.monotonic() < deadline:  # in steps, as real work returns to Python between operations
+            time.sleep(0.05)
         (out / f"{unit.id}.txt").write_text(f"{self.name}:{unit.id}:{unit.key}")
         torch = sys.modules.get("torch")  # imported here only if the process computes with torch
         return {"item": unit.id, "pid": os.getpid(), "device": self.device,

@@ -254,10 +254,13 @@ def _run_units(cfg: Config, name: str, impl: UnitStage, force: bool, pool: Any) 
     workdir = Path(cfg.workdir)
     staging = Staging(workdir, name)
     staging.clean_temporaries()
-    if force:
-        staging.clear()  # a redo redoes every unit, not only the ones never finished
     start = time.perf_counter()
     plan = plan_stage(cfg, name, force=force, impl=impl)
+    if force and staging.redo_fingerprint() != plan.fingerprint:
+        # a redo redoes every unit, not only the ones never finished; the same redo interrupted
+        # and run again (what `regdpo run` prints after Ctrl-C) keeps what it finished
+        staging.begin_redo(plan.fingerprint)
+        plan = plan_stage(cfg, name, force=force, impl=impl)
     if plan.skipped:
         rec = read_stage_record(workdir, name) or {}
         return StageResult(name, stage_dir(workdir, name), plan.fingerprint, True, rec.get("summary", {}))
@@ -275,6 +278,7 @@ def _run_units(cfg: Config, name: str, impl: UnitStage, force: bool, pool: Any) 
             with DevicePool(cfg, name, workdir, impl=impl) as own:
                 own.map(plan.work_items, progress=progress)
     result = publish_stage(cfg, plan, impl=impl, seconds=time.perf_counter() - start)
+    staging.end_redo()
     failed = result.summary.get("units_failed", 0)
     if failed:
         log.warning("%s: %s; published the other %d", name,

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 STAGING = ".staging"
 INDEX_NAME = "units.parquet"
+REDO_NAME = "redo.json"  # in a staging folder: the forced redo its units belong to
 
 
 def content_key(*parts: Any) -> str:
@@ -164,6 +165,21 @@ class Staging:
 
     def clear(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+    # A forced redo starts from an empty staging area and marks it with its plan's fingerprint:
+    # the same redo, interrupted and run again, keeps the units it finished.
+    def redo_fingerprint(self) -> str | None:
+        try:
+            return json.loads((self.root / REDO_NAME).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def begin_redo(self, fingerprint: str) -> None:
+        self.clear()
+        atomic_write_json(self.root / REDO_NAME, {"fingerprint": fingerprint})
+
+    def end_redo(self) -> None:
+        (self.root / REDO_NAME).unlink(missing_ok=True)
 
 
 class UnitWorker(ABC):

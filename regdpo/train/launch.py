@@ -29,6 +29,7 @@ from typing import Any
 
 from regdpo.config import Config, config_from_dict
 from regdpo.durable import atomic_write_json
+from regdpo.procs import die_with_parent
 from regdpo.train import distributed as D
 
 log = logging.getLogger("regdpo.train")
@@ -82,18 +83,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when its parent dies, so a killed stage leaves no trainer
-    writing into its folder."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM to torchrun's process group (torchrun and every rank), SIGKILL to what is left after
     `grace_s`. Checkpoints on disk stay whole (each is written under a temporary name, then renamed)."""
@@ -125,7 +114,7 @@ def _spawn(plan: dict[str, Any], num_processes: int, log_every: int) -> dict[str
     # stops all of them through `_stop` instead of each rank catching the terminal's Ctrl-C on
     # its own; and PR_SET_PDEATHSIG so a killed stage leaves no trainer behind.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_die_with_parent, start_new_session=True)
+                            preexec_fn=die_with_parent, start_new_session=True)
 
     stopping = threading.Event()
 
@@ -224,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.plan is None else logging.WARNING,
                         format="%(asctime)s %(name)s %(message)s")
     if args.plan:
-        _die_with_parent()
+        die_with_parent()  # a killed stage leaves no trainer writing into its folder
         train_plan(json.loads(Path(args.plan).read_text()))
         return
     if not args.config:
