@@ -29,6 +29,7 @@ quiet_progress_bars()  # before anything imports tqdm (see pipelines/logs.py)
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from typing import Any, Literal, Optional  # noqa: E402
@@ -38,7 +39,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.deployments import run_deployment  # noqa: E402
 from prefect.events import emit_event  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
-from prefect.states import Failed, State  # noqa: E402
+from prefect.states import Cancelled, Failed, State  # noqa: E402
 
 from pipelines import artifacts, forksafe, slots  # noqa: E402
 from pipelines.params import DOC_ARGS, Beta, MaxSteps, Objective, StageName, merge_overrides, workdir_label  # noqa: E402
@@ -46,6 +47,7 @@ from regdpo import stages as stage_lib  # noqa: E402
 from regdpo.config import Config, load_config  # noqa: E402
 from regdpo.errors import TransientError, is_transient  # noqa: E402
 from regdpo.stages.describe import reject_lines, summary_line  # noqa: E402
+from regdpo.stages.parallel import PoolStopped  # noqa: E402
 from regdpo.stages.registry import STAGE, STAGE_LIST, Stage  # noqa: E402
 from regdpo.stages.runner import StageInputError  # noqa: E402
 from regdpo.stages.units import UnitStage  # noqa: E402
@@ -66,7 +68,8 @@ GPU_LIMIT = "regdpo-gpu"  # global concurrency limit: one slot per GPU (regdpo s
 WORK_ITEM_DEPLOYMENT = "regdpo-work-item/work-item"  # prefect.yaml: one work item on the GPU pool
 FanOut = Literal["local", "deployments"]
 MAX_DISPATCHED = 64  # work-item flow runs in flight at once under deployment fan-out
-_POOLS: dict[str, Any] = {}  # DevicePools of running stage flows, by key (tasks get the key, not the pool)
+# Running stage flows' DevicePools (fan_out local) or stop events (deployments), by key: tasks get the key
+_POOLS: dict[str, Any] = {}
 
 
 def one_line(err: BaseException) -> str:
@@ -94,26 +97,28 @@ def _opts(task_):
 
 
 @functools.cache
-def _gpu_limit_exists() -> bool:
-    """Whether the server has the GPU limit (looked up once per process: a flow-run process is
-    short-lived, and asking for a missing limit costs seconds per task plus a warning)."""
+def _gpu_limit_size() -> int:
+    """Slots of the server's GPU limit, 0 without one (looked up once per process: a flow-run
+    process is short-lived, and asking for a missing limit costs seconds per task plus a warning)."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
         except ObjectNotFound:
-            return False
-    return True
+            return 0
 
 
-def _gpu_slot(stage: str):
-    """A slot of the GPU concurrency limit for GPU stages' work; no-op for CPU stages and where
-    the server has no such limit (Prefect's temporary local server: one machine, DevicePool).
-    A dead holder's slot is reclaimed, a wait is announced and bounded (pipelines/slots.py)."""
-    if STAGE[stage].gpu and _gpu_limit_exists():
-        return slots.slot(GPU_LIMIT, run=flow_run.get_name() or stage, say=get_run_logger().info)
+def _gpu_slot(stage: str, devices: int = 1):
+    """Slots of the GPU concurrency limit for a GPU stage's work on `devices` devices (at most
+    the limit's size); no-op for CPU stages and where the server has no such limit (Prefect's
+    temporary local server: one machine, DevicePool). A dead holder's slots are reclaimed, a
+    wait is announced and bounded (pipelines/slots.py)."""
+    size = _gpu_limit_size() if STAGE[stage].gpu else 0
+    if size:
+        return slots.slot(GPU_LIMIT, run=flow_run.get_name() or stage, say=get_run_logger().info,
+                          count=min(devices, size))
     return contextlib.nullcontext()
 
 
@@ -130,30 +135,49 @@ def run_stage_task(cfg: Config, name: str, force: bool = False) -> dict[str, Any
         return _result(stage_lib.run(cfg, name, force=force))
 
 
+def _stopped(stage: str, index: int) -> State:
+    """A work item's end when its stage stopped first (an interrupt, a cancelled run): Cancelled,
+    so it is never retried."""
+    return Cancelled(message=f"{stage}-{index}: its stage stopped before the work item finished")
+
+
 @task(name="work-item", task_run_name="{stage}-{index}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
-def work_item_task(pool_key: str, stage: str, index: int, item: dict[str, Any]) -> dict[str, Any]:
-    """One work item on a free local device (blocks until one is free); idempotent."""
-    with _gpu_slot(stage):
-        return _POOLS[pool_key].run(item)
+def work_item_task(pool_key: str, stage: str, index: int, item: dict[str, Any]) -> dict[str, Any] | State:
+    """One work item on a free local device (blocks until one is free); idempotent. The stage
+    holds the GPU slots of its devices (`_TaskPool.map`)."""
+    pool = _POOLS.get(pool_key)
+    try:
+        if pool is None or pool.stopped:
+            raise PoolStopped(stage)
+        return pool.run(item)
+    except PoolStopped:
+        return _stopped(stage, index)
 
 
 @task(name="work-item-run", task_run_name="{stage}-{index}", cache_policy=NO_CACHE, retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_S, retry_condition_fn=_retry_transient)
-def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage: str, index: int,
-                       item: dict[str, Any]) -> dict[str, Any]:
+def dispatch_item_task(pool_key: str, config_path: str, overrides: dict[str, Any] | None, stage: str, index: int,
+                       item: dict[str, Any]) -> dict[str, Any] | State:
     """One work item as a run of the work-item deployment (any worker of its pool); waits for it.
 
     The run is created with an idempotency key (this stage run, item, attempt): a retry after a
     hiccup while creating it gets the same run back instead of a duplicate; a retry after the
-    run failed makes a new one. Waiting rides out transient API errors."""
+    run failed makes a new one. Waiting rides out transient API errors. When the stage stops
+    meanwhile, the item's run is cancelled and the task ends Cancelled."""
     from prefect.runtime import task_run
 
+    stop = _POOLS.get(pool_key)
+    if stop is None or stop.is_set():
+        return _stopped(stage, index)
     key = f"{flow_run.get_id()}:{stage}-{index}:attempt-{task_run.get_run_count()}"
     created = run_deployment(WORK_ITEM_DEPLOYMENT, parameters={"config_path": config_path, "item": item,
                                                                "overrides": overrides},
                              timeout=0, idempotency_key=key)
-    run = _wait_for_flow_run(created.id)
+    run = _wait_for_flow_run(created.id, stop=stop)
+    if run is None:
+        _cancel_flow_run(created.id)
+        return _stopped(stage, index)
     if not run.state or not run.state.is_completed():
         # Crashed: its worker or process died (a retry on a live worker can finish it); Failed:
         # the work item itself failed there (e.g. the model does not load), which a retry repeats
@@ -164,13 +188,24 @@ def dispatch_item_task(config_path: str, overrides: dict[str, Any] | None, stage
     return {"flow_run": run.name}
 
 
-def _wait_for_flow_run(flow_run_id, poll_s: float = 2.0, max_api_errors: int = 30):
-    """The flow run once its state is final; up to `max_api_errors` failed reads in a row (a
-    server restart, a timeout under load) are waited out rather than failing the work item."""
+def _cancel_flow_run(flow_run_id) -> None:
+    """Ask for a flow run's cancellation (its worker stops it); best effort."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="its stage stopped"), force=True)
+
+
+def _wait_for_flow_run(flow_run_id, poll_s: float = 2.0, max_api_errors: int = 30,
+                       stop: threading.Event | None = None):
+    """The flow run once its state is final (None once `stop` is set); up to `max_api_errors`
+    failed reads in a row (a server restart, a timeout under load) are waited out rather than
+    failing the work item."""
     from prefect import get_client
 
     errors = 0
-    while True:
+    while stop is None or not stop.is_set():
         try:
             with get_client(sync_client=True) as client:
                 run = client.read_flow_run(flow_run_id)
@@ -182,13 +217,23 @@ def _wait_for_flow_run(flow_run_id, poll_s: float = 2.0, max_api_errors: int = 3
             run = None
         if run is not None and run.state is not None and run.state.is_final():
             return run
-        time.sleep(poll_s)
+        if stop is not None:
+            stop.wait(poll_s)
+        else:
+            time.sleep(poll_s)
+    return None
 
 
 class _TaskPool:
     """What `regdpo.stages.run` maps a unit stage's work items over under Prefect: each item a
-    task, on a local DevicePool (`fan_out` local) or as a run of the work-item deployment on any
-    worker of the GPU pool (`deployments`); one progress line per finished item."""
+    task, on a local DevicePool (`fan_out` local, the stage holding one GPU slot per device) or
+    as a run of the work-item deployment on any worker of the GPU pool (`deployments`, each run
+    holding its slot); one progress line per finished item.
+
+    An interrupt or a cancellation (KeyboardInterrupt, Prefect's TerminationSignal: anything that
+    is not an Exception) stops the items at once: the pool stops (a running item is interrupted,
+    device processes killed) or the dispatched runs are cancelled, and their tasks end Cancelled,
+    never retried. Prefect's engine waits for running tasks before it records the run's end."""
 
     def __init__(self, cfg: Config, name: str, fan_out: str, config_path: str, overrides, logger):
         self.cfg, self.name, self.fan_out = cfg, name, fan_out
@@ -197,37 +242,48 @@ class _TaskPool:
     def map(self, items: list, progress: Any = None) -> None:
         """Every item as a task; `progress` (regdpo.stages.accounting.Progress) gives the line
         logged as each one ends."""
-        name = self.name
         pool_key = uuid.uuid4().hex
         if self.fan_out == "local":
-            pool = _POOLS[pool_key] = stage_lib.DevicePool(self.cfg, name)
-            window = len(pool.devices) + 1  # every device busy, one item queued; no thread per item
+            pool = _POOLS[pool_key] = stage_lib.DevicePool(self.cfg, self.name)
+            stop, window = pool.stop, len(pool.devices) + 1  # every device busy, one item queued
 
             def submit(i):
-                return _opts(work_item_task).submit(pool_key, name, i.index, i.to_dict())
+                return _opts(work_item_task).submit(pool_key, self.name, i.index, i.to_dict())
         else:
-            pool, window = None, MAX_DISPATCHED
+            pool, event = None, threading.Event()
+            _POOLS[pool_key], stop, window = event, event.set, MAX_DISPATCHED
 
             def submit(i):
-                return _opts(dispatch_item_task).submit(self.config_path, self.overrides, name, i.index, i.to_dict())
+                return _opts(dispatch_item_task).submit(pool_key, self.config_path, self.overrides, self.name,
+                                                        i.index, i.to_dict())
         try:
-            futures = [submit(i) for i in items[:window]]
-            errors = []
-            for n, item in enumerate(items, start=1):
+            # local: the slots of this machine's devices, for the whole stage (its items share them)
+            with _gpu_slot(self.name, devices=len(pool.devices)) if pool is not None else contextlib.nullcontext():
                 try:
-                    futures[n - 1].result()
-                except Exception as err:  # noqa: BLE001 - the others finish; their units are kept
-                    errors.append(err)
-                if n - 1 + window < len(items):
-                    futures.append(submit(items[n - 1 + window]))
-                line = progress.item_done(item) if progress is not None else f"{name}: {n}/{len(items)} work items"
-                self.logger.info("%s (%s)", line, self.fan_out)
-            if errors:
-                raise errors[0]
+                    self._run_items(items, submit, window, progress)
+                except BaseException as err:
+                    if not isinstance(err, Exception):  # an interrupt or a cancellation: stop the items now
+                        stop()
+                    raise
         finally:
             _POOLS.pop(pool_key, None)
             if pool is not None:
                 pool.close()
+
+    def _run_items(self, items: list, submit, window: int, progress: Any) -> None:
+        futures = [submit(i) for i in items[:window]]
+        errors = []
+        for n, item in enumerate(items, start=1):
+            try:
+                futures[n - 1].result()
+            except Exception as err:  # noqa: BLE001 - the others finish; their units are kept
+                errors.append(err)
+            if n - 1 + window < len(items):
+                futures.append(submit(items[n - 1 + window]))
+            line = progress.item_done(item) if progress is not None else f"{self.name}: {n}/{len(items)} work items"
+            self.logger.info("%s (%s)", line, self.fan_out)
+        if errors:
+            raise errors[0]
 
 
 def _run_stage(name: str, config_path: str, force: bool, overrides: dict[str, Any] | None,

@@ -62,9 +62,26 @@ def registry(limit: str, api_url: str) -> Path:
     return path
 
 
+def _slots_text(count: int) -> str:
+    return "a slot" if count == 1 else f"{count} slots"
+
+
 def _holder_text(info: dict) -> str:
     since = time.strftime("%H:%M:%S", time.localtime(info.get("since", 0)))
     return f"{info.get('run', '?')} (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {since})"
+
+
+def _process_alive(info: dict) -> bool:
+    """False only when the holder's process is known to be gone (on this host)."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return True
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _dead_or_live(folder: Path) -> tuple[list[tuple[Path, dict]], list[dict]]:
@@ -79,10 +96,11 @@ def _dead_or_live(folder: Path) -> tuple[list[tuple[Path, dict]], list[dict]]:
             info = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                live.append(info)
-            else:
-                dead.append((path, info))
+            except BlockingIOError:  # locked: by the holder, or by a child it forked that outlives it
+                if _process_alive(info):
+                    live.append(info)
+                    continue
+            dead.append((path, info))
         except ValueError:  # written by a holder that died mid-write: dead, nothing to release
             dead.append((path, {}))
         finally:
@@ -100,18 +118,20 @@ def reclaim(client, folder: Path, say=log.warning) -> list[dict]:
             except Exception as err:  # noqa: BLE001 - the server frees it when the lease expires anyway
                 log.warning("could not release the slot of %s: %s", _holder_text(info), err)
                 continue
-            say(f"released a slot of {folder.name} held by {_holder_text(info)}, which ended without releasing it")
+            say(f"released {_slots_text(info.get('count', 1))} of {folder.name} held by {_holder_text(info)}, "
+                "which ended without releasing it")
         path.unlink(missing_ok=True)
     return live
 
 
-def _register(folder: Path, lease_id: str, run: str) -> int:
+def _register(folder: Path, lease_id: str, run: str, count: int) -> int:
     """Write and flock this holder's file; the fd is held until release. Written under another
     name and renamed once locked, so a waiter never takes a file being written for a dead one's."""
     tmp = folder / f".{lease_id}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    info = {"lease_id": lease_id, "run": run, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    info = {"lease_id": lease_id, "run": run, "count": count, "pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.time()}
     os.write(fd, json.dumps(info).encode())
     os.replace(tmp, folder / f"{lease_id}.json")
     return fd
@@ -129,8 +149,9 @@ def _renew(lease_id: str, stop: threading.Event) -> None:
 
 
 @contextlib.contextmanager
-def slot(limit: str, run: str, say=log.info, timeout_s: float | None = None) -> Iterator[None]:
-    """Hold one slot of `limit` for the block (no-op where the server has no such limit)."""
+def slot(limit: str, run: str, say=log.info, timeout_s: float | None = None, count: int = 1) -> Iterator[None]:
+    """Hold `count` slots of `limit` for the block, under one lease (no-op where the server has no
+    such limit)."""
     import httpx
     from prefect import get_client
     from prefect.settings import get_current_settings
@@ -144,7 +165,7 @@ def slot(limit: str, run: str, say=log.info, timeout_s: float | None = None) -> 
             live = reclaim(client, folder, say)
             try:
                 response = client.increment_concurrency_slots_with_lease(
-                    names=[limit], slots=1, mode="concurrency", lease_duration=LEASE_S)
+                    names=[limit], slots=count, mode="concurrency", lease_duration=LEASE_S)
                 break
             except httpx.HTTPStatusError as err:
                 if err.response.status_code != 423:  # 423 Locked: every slot is taken
@@ -153,10 +174,10 @@ def slot(limit: str, run: str, say=log.info, timeout_s: float | None = None) -> 
             whom = ", ".join(map(_holder_text, live)) or "a run this machine cannot see (another machine's)"
             waited = time.monotonic() - start
             if waited >= timeout_s:
-                raise SlotTimeout(f"no slot of {limit} free after {waited:.0f} s (held by {whom}); raise "
+                raise SlotTimeout(f"no {_slots_text(count)} of {limit} free after {waited:.0f} s (held by {whom}); raise "
                                   f"{SLOT_TIMEOUT_ENV}, or stop that run") from None
             if said_at is None or whom != said_whom or time.monotonic() - said_at >= REMIND_S:
-                say(f"waiting for a slot of {limit}: held by {whom} (giving up after {timeout_s:.0f} s, "
+                say(f"waiting for {_slots_text(count)} of {limit}: held by {whom} (giving up after {timeout_s:.0f} s, "
                     f"{SLOT_TIMEOUT_ENV})")
                 said_at, said_whom = time.monotonic(), whom
             time.sleep(min(max(retry_after, 0.5), 5.0))
@@ -167,7 +188,7 @@ def slot(limit: str, run: str, say=log.info, timeout_s: float | None = None) -> 
             yield
             return
         lease_id = str(body["lease_id"])
-        fd = _register(folder, lease_id, run)
+        fd = _register(folder, lease_id, run, count)
         stop = threading.Event()
         renewer = threading.Thread(target=_renew, args=(lease_id, stop), daemon=True, name="regdpo-slot-lease")
         renewer.start()

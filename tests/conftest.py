@@ -73,3 +73,20 @@ def fake_builders(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(regdpo.stages, "get_impl", get_impl)
     return calls
+
+
+@pytest.fixture(scope="session")
+def encoded_workdir(tmp_path_factory) -> Path:
+    """A folder with config.yaml and its workdir run/ where ingest, generate and encode are done
+    (two real clips, tiny model), built once per session; tests that train in it copy it. Training
+    there never ends on its own (max_steps 1000, a checkpoint every 2 steps): tests interrupt it."""
+    from regdpo.config import load_config
+    from regdpo.stages import run
+    from tests.pipeline_helpers import small_config
+
+    root = tmp_path_factory.mktemp("encoded")
+    path = small_config(root, train={"max_steps": 1000, "checkpoint_every": 2, "batch_size": 2, "loader_workers": 0})
+    cfg = load_config(path)
+    for stage in ("ingest", "generate", "encode"):
+        run(cfg, stage)
+    return root

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.process_helpers import alive, checkpoints, wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 REGDPO = Path(sys.executable).with_name("regdpo")
 SAMPLES = ROOT / "data" / "samples"
@@ -261,3 +263,149 @@ def test_work_items_fan_out_to_the_gpu_pool_and_the_stage_publishes_once(deploye
     # leave a failed run beside it; never a second completed one)
     assert sorted(r.name for r in items if r.state.is_completed()) == ["generate-0", "generate-1"], \
         [(r.name, r.state.name, r.state.message) for r in items]
+
+
+def _gpu_worker(api: str) -> int:
+    """The pid of the gpu-pool worker of the `regdpo serve` serving `api`."""
+    import psutil
+
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    serve = next(p for p in psutil.process_iter(["cmdline"])
+                 if p.info["cmdline"] and "serve" in p.info["cmdline"] and port in p.info["cmdline"])
+    return next(c.pid for c in serve.children(recursive=True) if "gpu-pool" in c.cmdline())
+
+
+def _flow_run_pid(flow_run_id) -> int:
+    """The pid of a flow run's process (its worker records it once the process started)."""
+    from prefect import get_client
+
+    pid: list[int] = []
+
+    def started() -> bool:
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(flow_run_id)
+        pid[:] = [int(run.infrastructure_pid.rpartition(":")[2])] if run.infrastructure_pid else []
+        return bool(pid)
+
+    wait_for(started, 300, "a flow-run process", poll_s=1)
+    return pid[0]
+
+
+def _gpu_slots_in_use() -> int:
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name("regdpo-gpu").active_slots
+
+
+def test_a_dead_gpu_worker_comes_back_its_run_crashes_and_the_rerun_keeps_finished_units(server, deployed, inputs):
+    """kill -9 of the gpu-pool worker while its generate run has a finished unit and work left (the
+    run's process is paused there, so that it cannot finish first on a fast machine): serve says
+    so, stops the orphaned run's process, marks it Crashed and restarts the worker; rerunning the
+    deployment releases the dead run's GPU slot at once and keeps the finished units."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+
+    api, env, log = server
+    assert _run("regdpo-ingest/ingest", inputs).state.is_completed()
+    params = {**inputs, "overrides": {**inputs["overrides"], "generate.work_item_size": 1}}
+    staging = Path(inputs["workdir"]) / ".staging" / "generate"
+    started = run_deployment("regdpo-generate/generate", parameters=params, timeout=0)
+    pid = _flow_run_pid(started.id)
+    wait_for(lambda: [p for p in staging.glob("*") if p.is_dir() and ".tmp" not in p.name], 600,
+             "a generated unit", poll_s=0.1)
+    os.kill(pid, signal.SIGSTOP)  # stopped with a unit done, its GPU slot held and work left
+    os.kill(_gpu_worker(api), signal.SIGKILL)
+    wait_for(lambda: "the gpu-pool worker is running again" in log.read_text(), 300, "the worker's restart",
+             log=log, poll_s=1)
+    said = log.read_text()
+    assert "the gpu-pool worker exited with code -9; its flow runs marked Crashed: generate " in said, said[-3000:]
+    wait_for(lambda: not alive(pid), 60, "the end of the orphaned run's process")
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(started.id).state.is_crashed()
+    kept = len([p for p in staging.glob("*") if p.is_dir() and ".tmp" not in p.name])
+
+    rerun = _run("regdpo-generate/generate", {**params, "force": False})
+    lines = _logs(rerun.id)
+    assert rerun.state.is_completed(), (rerun.state, lines[-20:])
+    assert any(m.startswith("released a slot of regdpo-gpu held by generate ") for m in lines), lines
+    assert not [m for m in lines if m.startswith("waiting for")], lines
+    assert any(f"{kept} finished earlier" in m for m in lines), lines
+    record = json.loads((Path(inputs["workdir"]) / "negatives" / "stage.json").read_text())
+    assert record["summary"]["units_done"] == len(CLIPS)  # published: the kept ones and the rest
+    assert _gpu_slots_in_use() == 0
+
+
+def test_kill_9_of_a_run_holding_the_gpu_slot_does_not_block_the_next(server, encoded_workdir, tmp_path):
+    """regdpo run against serve's server (its regdpo-gpu limit has one slot): kill -9 during train,
+    then the next run releases the dead run's slot at once and resumes from its checkpoint."""
+    api, env, log = server
+    root = tmp_path / "w"
+    shutil.copytree(encoded_workdir, root)
+    first, second = root / "first.log", root / "second.log"
+    with first.open("w") as err:
+        proc = subprocess.Popen([str(REGDPO), "run", "config.yaml", "--stage", "train"], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        wait_for(lambda: checkpoints(root), 600, "a checkpoint", proc, first)
+        assert _gpu_slots_in_use() == 1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    last = checkpoints(root)[-1]
+    with second.open("w") as err:
+        proc = subprocess.Popen([str(REGDPO), "run", "config.yaml", "--stage", "train"], cwd=root, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        wait_for(lambda: "train: resuming the interrupted run from" in second.read_text(), 600,
+                 "the rerun's training", proc, second)
+    finally:
+        proc.send_signal(signal.SIGTERM)  # training never ends on its own here
+        proc.wait(timeout=300)
+    said = second.read_text()
+    assert f"train: resuming the interrupted run from {last}" in said, said[-3000:]
+    assert "released a slot of regdpo-gpu held by train " in said, said[-3000:]
+    assert "waiting for" not in said, said[-3000:]
+    assert _gpu_slots_in_use() == 0  # the interrupted rerun released its own
+
+
+def test_cancelling_a_run_ends_its_work_at_once_without_retries(server, deployed, inputs):
+    """A generate run whose work item would take hours, cancelled as a user does from the UI or
+    `prefect flow-run cancel`: the running item stops, the queued one never starts, both end
+    Cancelled (no retry, no error), the run ends Cancelled, its process exits and its slot is free."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    assert _run("regdpo-ingest/ingest", inputs).state.is_completed()
+    params = {**inputs, "overrides": {**inputs["overrides"], "generate.work_item_size": 1,
+                                      "generate.num_inference_steps": 1000}}  # minutes per clip
+    started = run_deployment("regdpo-generate/generate", parameters=params, timeout=0)
+    pid = _flow_run_pid(started.id)
+
+    def task_runs():
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[started.id])),
+                                         task_run_filter=TaskRunFilter(name=TaskRunFilterName(
+                                             any_=["generate-0", "generate-1", "generate-2"])))
+
+    def working() -> bool:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(started.id).state
+        assert not state.is_final(), f"the run ended before it could be cancelled: {state}"
+        return any(t.state and t.state.is_running() for t in task_runs()) and _gpu_slots_in_use() == 1
+
+    wait_for(working, 600, "a running work item", poll_s=1)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(started.id, Cancelling(message="cancelled by the test"))
+    wait_for(lambda: not alive(pid), 300, "the end of the cancelled run's process", poll_s=0.5)
+    with get_client(sync_client=True) as client:
+        wait_for(lambda: client.read_flow_run(started.id).state.is_final(), 120, "the run's final state", poll_s=1)
+        assert client.read_flow_run(started.id).state.is_cancelled()
+        runs = task_runs()
+        states = {t.name: [s.name for s in client.read_task_run_states(t.id)] for t in runs}
+    assert runs and all(t.state.is_cancelled() for t in runs), [(t.name, t.state) for t in runs]
+    assert all("stage stopped" in t.state.message for t in runs), [(t.name, t.state.message) for t in runs]
+    assert not [n for names in states.values() for n in names if n in ("AwaitingRetry", "Retrying", "Failed")], states
+    assert _gpu_slots_in_use() == 0
