@@ -111,7 +111,7 @@ class _Interrupting:
     def __init__(self, cfg, impl, n: int):
         self.cfg, self.impl, self.n = cfg, impl, n
 
-    def map(self, items):
+    def map(self, items, progress=None):
         with DevicePool(self.cfg, self.impl.name, impl=self.impl) as pool:
             for item in items[:self.n]:
                 pool.run(item)
