@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from regdpo.procs import running
+
 log = logging.getLogger(__name__)
 
 LEASE_S = 60.0  # the shortest lease Prefect's server accepts
@@ -75,13 +77,7 @@ def _process_alive(info: dict) -> bool:
     """False only when the holder's process is known to be gone (on this host)."""
     if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
         return True
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return running(info["pid"])
 
 
 def _dead_or_live(folder: Path) -> tuple[list[tuple[Path, dict]], list[dict]]:

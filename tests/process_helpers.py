@@ -9,6 +9,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from regdpo.procs import running as alive  # noqa: F401 - a zombie has exited
+
 
 def terminal_sigint() -> None:
     """Popen preexec_fn: what a terminal gives its foreground job, Ctrl-C at its default (a test
@@ -27,18 +29,6 @@ def wait_for(condition, timeout_s: float, what: str, proc: subprocess.Popen | No
         assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s: " + (
             log.read_text()[-3000:] if log else "")
         time.sleep(poll_s)
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has exited; only its parent has not collected it yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def tree(pid: int) -> list[int]:
