@@ -107,3 +107,30 @@ def fake_build(name: str, calls: list[str]):
 
 def fake_impl(name: str, calls: list[str]):
     return FakeUnits(name, calls) if STAGE[name].units else fake_build(name, calls)
+
+
+def hold_after(sealed: int) -> str:
+    """Python source that a child process runs first: once `sealed` units of a stage are sealed,
+    the next unit it starts blocks (its temporary folder made) until the process is killed. A
+    test's kill -9 then lands mid-unit at a known point, however busy the machine is."""
+    return f"""
+import time
+from regdpo.stages import units as _units
+_begin = _units.Staging.begin
+def _held(self, key):
+    out = _begin(self, key)
+    if len(list(self.root.glob("*/unit.json"))) >= {sealed}:
+        while True:
+            time.sleep(1)
+    return out
+_units.Staging.begin = _held
+"""
+
+
+def wait_for_sealed(staging: Staging, count: int, proc, bound_s: float = 600.0) -> None:
+    """Wait (polling, up to a generous bound) until `count` units of `staging` are sealed."""
+    deadline = time.monotonic() + bound_s
+    while len(list(staging.root.glob("*/unit.json"))) < count:
+        assert proc.poll() is None, f"the child exited ({proc.returncode}) before {count} units were sealed"
+        assert time.monotonic() < deadline, f"fewer than {count} units sealed within {bound_s:.0f} s"
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ from regdpo.stages.runner import (
     stage_state,
 )
 from regdpo.stages.units import Staging, read_index
-from tests.fakes import FakeUnits
+from tests.fakes import FakeUnits, hold_after, wait_for_sealed
 
 
 class Recorder:
@@ -177,31 +177,28 @@ def test_two_device_processes_give_the_same_result_as_one(config_path, tmp_path)
     assert sorted(_items(one, "ingest")) == sorted(_items(two, "ingest"))
 
 
-_KILLABLE = """
+_KILLABLE = hold_after(3) + """
 import sys
 from regdpo.config import load_config
 from regdpo.stages.runner import run_stage
 from tests.fakes import FakeUnits
-run_stage(load_config(sys.argv[1]), "ingest", FakeUnits("ingest", size=1, delay_s=0.4))
+run_stage(load_config(sys.argv[1]), "ingest", FakeUnits("ingest", size=1))
 """
 
 
 def test_kill9_mid_stage_keeps_finished_units(config_path):
     import signal
-    import time
 
     _manifest(config_path, [f"v{i}" for i in range(8)])
     cfg = _cfg(config_path)
     staging = Staging(Path(cfg.workdir), "ingest")
     proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, str(config_path)], cwd=Path(__file__).parents[1])
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(staging.root.glob("*/unit.json"))) < 3:
-        time.sleep(0.05)
+    wait_for_sealed(staging, 3, proc)  # the child then holds its 4th unit open: the kill lands mid-unit
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: (p.parent / f"{json.loads(p.read_text())['id']}.txt").stat().st_mtime_ns
                 for p in staging.root.glob("*/unit.json")}
-    assert 3 <= len(finished) < 8
+    assert len(finished) == 3
     assert read_stage_record(cfg.workdir, "ingest") is None  # nothing half-done is published
     assert stage_state(cfg, "ingest", FakeUnits("ingest")) == ("missing", "interrupted run present (finished units are kept)")
 
