@@ -72,3 +72,17 @@ def test_base_model_is_a_cached_wan_directory(experiment):
     video = spec.generate(spec.load_denoiser(), ["one shape. a red circle moves up slowly."], [0], num_frames=9,
                           height=32, width=32, num_inference_steps=2, guidance_scale=1.0)
     assert video.shape == (1, 9, 32, 32, 3)
+
+
+def test_base_settings_from_the_command_line():
+    import argparse
+
+    from experiments.world.run import base_settings
+
+    parser = argparse.ArgumentParser()
+    s = base_settings(BaseSettings(), ["steps=800", "vae_lr=0.002", "vae_image_steps=500"], parser)
+    assert (s.steps, s.vae_lr, s.vae_image_steps) == (800, 0.002, 500) and isinstance(s.vae_lr, float)
+    assert s.batch_size == BaseSettings().batch_size
+    for bad in ("no_such_setting=1", "steps"):
+        with pytest.raises(SystemExit):
+            base_settings(BaseSettings(), [bad], parser)

@@ -6,7 +6,8 @@ Components, all real diffusers / transformers classes, saved with WanPipeline.sa
 the pipeline loads the directory through `model.path` like any Wan 2.1 model:
 - vae: AutoencoderKLWan (8x space, 4x time, 16 latent channels, as Wan 2.1), trained here:
   first on single frames (the causal VAE encodes a clip's first frame alone, so frames teach
-  colours and shapes at a fraction of a clip's cost), then on whole clips (motion); its
+  colours and shapes at a fraction of a clip's cost), then on 5-frame windows (the first frame
+  and one 4-frame chunk: motion) and whole clips (chunks after chunks); its
   latents_mean/std are then set to the statistics of its own latents on the training clips, as
   Wan's are;
 - transformer: WanTransformer3DModel, trained with the flow-matching objective on those latents
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import inspect
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -51,9 +54,10 @@ class BaseSettings:
     max_sequence_length: int = 32
     # VAE
     vae_base_dim: int = 8
-    vae_image_steps: int = 1200
+    vae_image_steps: int = 1600
     vae_image_batch: int = 16
-    vae_clip_steps: int = 400
+    vae_short_clip_steps: int = 500  # 5 frames: the first frame and one 4-frame chunk (the temporal path)
+    vae_clip_steps: int = 200  # 9 frames: chunks that follow chunks (the causal cache)
     vae_clip_batch: int = 4
     vae_lr: float = 3e-3
     vae_kl_weight: float = 1e-6
@@ -62,16 +66,28 @@ class BaseSettings:
     num_heads: int = 4
     head_dim: int = 32
     ffn_dim: int = 512
-    steps: int = 3000
+    steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
+    final_lr_ratio: float = 0.1  # both learning rates decay along a cosine to this fraction
 
     def quick(self) -> "BaseSettings":
-        return replace(self, vae_image_steps=4, vae_clip_steps=2, vae_image_batch=2, vae_clip_batch=1, steps=4,
-                       batch_size=4, warmup_steps=1, num_layers=1, ffn_dim=64, head_dim=8, num_heads=2)
+        return replace(self, vae_image_steps=4, vae_short_clip_steps=2, vae_clip_steps=2, vae_image_batch=2,
+                       vae_clip_batch=1, steps=4, batch_size=4, warmup_steps=1, num_layers=1, ffn_dim=64, head_dim=8,
+                       num_heads=2)
+
+
+def _cosine(total: int, warmup: int, final: float):
+    """lr multiplier: linear warm-up, then a cosine from 1 down to `final` at `total` steps."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 def _log(what: str, step: int, total: int, loss: float, start: float) -> None:
@@ -95,17 +111,23 @@ def train_vae(clips: torch.Tensor, s: BaseSettings):
     vae = AutoencoderKLWan(base_dim=s.vae_base_dim, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                            attn_scales=[], temperal_downsample=[False, True, True])
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    total = s.vae_image_steps + s.vae_short_clip_steps + s.vae_clip_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, 1, s.final_lr_ratio))
     gen = torch.Generator().manual_seed(derive_seed(s.seed, "vae-data"))
     start = time.process_time()
-    phases = (("VAE frames", s.vae_image_steps, s.vae_image_batch, True),
-              ("VAE clips", s.vae_clip_steps, s.vae_clip_batch, False))
-    for what, steps, batch, single in phases:
+    phases = (("VAE frames", s.vae_image_steps, s.vae_image_batch, 1),
+              ("VAE 5-frame clips", s.vae_short_clip_steps, s.vae_clip_batch, 5),
+              ("VAE clips", s.vae_clip_steps, s.vae_clip_batch, clips.shape[2]))
+    for what, steps, batch, frames in phases:
         for step in range(steps):
             idx = torch.randint(0, len(clips), (batch,), generator=gen)
             x = clips[idx]
-            if single:  # one random frame of each clip, as a one-frame video
+            if frames == 1:  # one random frame of each clip, as a one-frame video
                 f = torch.randint(0, x.shape[2], (batch,), generator=gen)
                 x = x[torch.arange(batch), :, f][:, :, None]
+            else:  # a random window of `frames` frames
+                first = int(torch.randint(0, x.shape[2] - frames + 1, (1,), generator=gen))
+                x = x[:, :, first:first + frames]
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample(generator=gen)).sample
             loss = (recon - x).pow(2).mean() + 0.5 * (recon - x).abs().mean() + s.vae_kl_weight * posterior.kl().mean()
@@ -113,6 +135,7 @@ def train_vae(clips: torch.Tensor, s: BaseSettings):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
+            sched.step()
             _log(what, step, steps, loss.item(), start)
     return vae.eval().requires_grad_(False)
 
@@ -144,7 +167,7 @@ def train_transformer(latents: torch.Tensor, captions: list[str], s: BaseSetting
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / s.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(s.steps, s.warmup_steps, s.final_lr_ratio))
     gen = torch.Generator().manual_seed(derive_seed(s.seed, "transformer-data"))
     timesteps = TimestepConfig()
     start = time.process_time()
@@ -191,10 +214,14 @@ def save_directory(vae, transformer, out: Path, text_length: int) -> Path:
     return out
 
 
+TRAINING_CODE = ("load_clips", "train_vae", "calibrate", "train_transformer", "save_directory", "_cosine")
+
+
 def cache_key(manifest: Path, s: BaseSettings) -> str:
-    """What the base model depends on: its settings, the world clips and this file's code."""
+    """What the base model depends on: its settings, the world clips and the code that trains it
+    (the functions above, not this module's docs)."""
     world = json.loads((manifest.parent / "world.json").read_text())
-    code = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    code = hashlib.sha256("".join(inspect.getsource(globals()[f]) for f in TRAINING_CODE).encode()).hexdigest()
     return short_hash({"settings": asdict(s), "world": world, "code": code})
 
 

@@ -142,7 +142,8 @@ def _setup(cfg, runs: dict[str, Run], facts: dict[str, Any]) -> list[str]:
         f"saw ({facts['num_train']} train pairs, {facts['num_heldout']} held out).",
         f"- Base model: Wan 2.1 text-to-video classes trained from scratch (experiments/world/base_model.py): "
         f"AutoencoderKLWan ({b['parameters']['vae'] / 1e6:.2f}M parameters; {bs['vae_image_steps']} steps on frames, "
-        f"{bs['vae_clip_steps']} on clips), WanTransformer3DModel ({b['parameters']['transformer'] / 1e6:.2f}M; "
+        f"{bs['vae_short_clip_steps']} on 5-frame windows, {bs['vae_clip_steps']} on whole clips), "
+        f"WanTransformer3DModel ({b['parameters']['transformer'] / 1e6:.2f}M; "
         f"{bs['steps']} steps of {bs['batch_size']}), the tiny preset's MiniLM text encoder. Training took "
         f"{b['seconds']['wall']:.0f} s wall, {b['seconds']['cpu']:.0f} s CPU"
         + (" (this run reused it from the cache)." if b["cached"] else "."),

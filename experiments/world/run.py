@@ -17,6 +17,7 @@ Writes the workdirs under --out (deleted first). Every phase's wall and CPU time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import time
@@ -84,6 +85,18 @@ def vae_round_trip(cfg, workdir: Path) -> dict[str, Any]:
     return mean_interval(np.array(scores)).as_dict()
 
 
+def base_settings(settings: BaseSettings, sets: list[str], parser: argparse.ArgumentParser) -> BaseSettings:
+    """`settings` with each KEY=VALUE of --base, the value cast to the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(settings)}
+    changes: dict[str, Any] = {}
+    for item in sets:
+        key, _, value = item.partition("=")
+        if key not in fields or not value:
+            parser.error(f"--base {item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        changes[key] = type(getattr(settings, key))(yaml.safe_load(value))
+    return dataclasses.replace(settings, **changes)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "world", help="workdirs (deleted first)")
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--base-clips", type=int, default=BASE_WORLD["num_clips"])
     parser.add_argument("--tune-clips", type=int, default=TUNE_WORLD["num_clips"])
     parser.add_argument("--quick-base", action="store_true", help="a base model of a few steps (smoke tests)")
+    parser.add_argument("--base", dest="base_sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base model setting (experiments/world/base_model.py BaseSettings), "
+                             "e.g. steps=800")
     parser.add_argument("--workers", type=int, default=2,
                         help="variants run side by side, one thread each (0: one after the other in this process)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -126,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base_manifest, tune_manifest = worlds(cache, spec, args.base_clips, args.tune_clips)
     clock.done("world clips", t, c)
     t, c = time.perf_counter(), cpu_seconds()
-    settings = BaseSettings(max_sequence_length=load_config(CONFIG).model.max_sequence_length)
+    settings = base_settings(BaseSettings(max_sequence_length=load_config(CONFIG).model.max_sequence_length),
+                             args.base_sets, parser)
     base_model, base_facts = build_base(base_manifest, cache, settings.quick() if args.quick_base else settings)
     clock.done("base model" + (" (cached)" if base_facts["cached"] else ""), t, c)
 
