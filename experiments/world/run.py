@@ -1,6 +1,6 @@
 """The world experiment, one command (experiments/world/README.md):
 
-    .venv/bin/python -m experiments.world                 # ~30 min on a quiet 2-core CPU, less once the base is cached
+    .venv/bin/python -m experiments.world                 # the measured wall and CPU times: docs/EXPERIMENT.md
 
 1. Two worlds of clips (regdpo.world): one the base model trains on, one it never sees, for
    GT-Pair (its held-out part gives the evaluation captions).
@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     root.mkdir(parents=True)
     load = os.getloadavg()
 
+    # One thread from here on, the base model's training included: the same numbers on any machine
+    # (reductions split across threads round differently), and no threads spinning for one another
+    # on a busy machine.
+    quiet_worker()
     t, c = time.perf_counter(), cpu_seconds()
     base_manifest, tune_manifest = worlds(cache, spec, args.base_clips, args.tune_clips)
     clock.done("world clips", t, c)
@@ -148,7 +152,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     clock.done("base model" + (" (cached)" if base_facts["cached"] else ""), t, c)
 
     extra = {"ingest.manifest": str(tune_manifest), **extra}
-    quiet_worker()
     t, c = time.perf_counter(), cpu_seconds()
     base, facts = prepare(root, base_model, extra)
     clock.done("ingest, negatives of the base model, encode", t, c)
